@@ -1,0 +1,16 @@
+"""ComfyUI socket types this pack adds, in one place so every node module agrees on the names."""
+
+from comfy_api.latest import io
+
+#: A loaded CLAP model (``nodes.clap_nodes.ClapModelHandle``).
+ClapModel = io.Custom("CLAP_MODEL")
+#: L2-normalised CLAP audio embeddings, ``Tensor[B, 512]``.
+ClapEmbeds = io.Custom("CLAP_EMBEDS")
+#: A loaded CLAP2Diffusion file (``clap2diffusion_core.model.CLAP2DiffusionModel``).
+Clap2DiffusionModel = io.Custom("CLAP2DIFFUSION")
+#: ``clap2diffusion_core.types.AudioLevels`` plus the model that made them.
+AudioLevels = io.Custom("AUDIO_LEVELS")
+#: ``clap2diffusion_core.types.AudioTokens``: ``[B, 77, C]`` tokens for either injection.
+AudioTokens = io.Custom("AUDIO_TOKENS")
+
+CATEGORY = "audio/clap2diffusion"
