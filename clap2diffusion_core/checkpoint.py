@@ -1,0 +1,178 @@
+"""The CLAP2Diffusion file: one safetensors with the modules' weights and their config as metadata.
+
+Keys are ``decomposer.*``, ``projector.*`` and, from stage 2 on, ``adapter.*``. The metadata holds
+``format`` (``clap2diffusion``), ``format_version``, ``base_family``, ``context_dim``, ``clap_dim``,
+``num_tokens``, ``norm_target``, ``stage`` and ``config`` (the JSON of :class:`ModelConfig`).
+Loading checks all of it and names what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .model import BASE_FAMILIES, CLAP2DiffusionModel, ModelConfig
+
+FORMAT = "clap2diffusion"
+FORMAT_VERSION = 1
+REQUIRED_METADATA = (
+    "format", "format_version", "base_family", "context_dim", "clap_dim", "num_tokens", "norm_target",
+    "stage", "config",
+)  # fmt: skip
+#: Conventional file names per training stage, as in the original CLAP2Diffusion.
+STAGE_FILE_NAMES = {
+    1: "audio_projector_stage1",
+    2: "audio_projector_stage2",
+    3: "audio_projector_stage3_finetuned",
+}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable CLAP2Diffusion checkpoint; the message says what and what to do."""
+
+
+def build_metadata(config: ModelConfig) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "base_family": config.base_family,
+        "context_dim": str(config.context_dim),
+        "clap_dim": str(config.decomposer.clap_dim),
+        "num_tokens": str(config.projector.num_tokens),
+        "norm_target": str(config.projector.norm_target),
+        "stage": str(config.stage),
+        "config": json.dumps(config.to_dict()),
+    }
+
+
+def save_checkpoint(model: CLAP2DiffusionModel, path: str | os.PathLike) -> None:
+    """Write ``model`` (fp32, contiguous) with its metadata to ``path`` (.safetensors)."""
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(state, os.fspath(path), metadata=build_metadata(model.config))
+
+
+def _refuse_non_safetensors(path: str) -> None:
+    """Name what the file is when it is not safetensors; pickles are never opened."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) < 8:
+        raise CheckpointError(
+            f"{path}: file is empty or truncated ({len(head)} bytes); download it again"
+        )
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path}: this is a PyTorch pickle (.pt/.ckpt), not safetensors. Pickles can run code when "
+            "loaded, so CLAP2Diffusion only reads .safetensors files; ask for (or convert to) a "
+            ".safetensors file."
+        )
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if head[8:9] != b"{" or header_len > os.path.getsize(path):
+        raise CheckpointError(
+            f"{path}: not a safetensors file (no valid header); is this the right file?"
+        )
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's metadata, checked for the keys and version this code understands."""
+    path = os.fspath(path)
+    _refuse_non_safetensors(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{path}: unreadable safetensors file ({err}); it may be truncated"
+        ) from err
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise CheckpointError(
+            f"{path}: missing CLAP2Diffusion metadata {missing}. Expected a file written by "
+            "clap2diffusion_core.checkpoint.save_checkpoint (the training scripts do this)."
+        )
+    if metadata["format"] != FORMAT:
+        raise CheckpointError(
+            f"{path}: format is {metadata['format']!r}, expected {FORMAT!r}"
+        )
+    if int(metadata["format_version"]) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {metadata['format_version']} is newer than this pack reads "
+            f"({FORMAT_VERSION}); update the pack."
+        )
+    return metadata
+
+
+def _check_state(
+    state: Mapping[str, torch.Tensor], model: CLAP2DiffusionModel, path: str
+) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong = [f"{k}: expected {expected[k]}, found {found[k]}" for k in sorted(expected.keys() & found.keys())
+             if expected[k] != found[k]]  # fmt: skip
+    if missing or unexpected or wrong:
+        lines = [f"{path}: weights do not match the config in its metadata"]
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        ):
+            if items:
+                shown = ", ".join(items[:8]) + (
+                    f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+                )
+                lines.append(f"  {title}: {shown}")
+        raise CheckpointError("\n".join(lines))
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: torch.device | str = "cpu"
+) -> CLAP2DiffusionModel:
+    """Rebuild the model a file was saved from; raises :class:`CheckpointError` naming any mismatch."""
+    path = os.fspath(path)
+    metadata = read_metadata(path)
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{path}: config metadata is not understood ({err})"
+        ) from err
+    for key, value in (("context_dim", config.context_dim), ("stage", config.stage)):
+        if int(metadata[key]) != value:
+            raise CheckpointError(
+                f"{path}: metadata {key}={metadata[key]} but its config says {value}"
+            )
+    model = CLAP2DiffusionModel(config)
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{path}: unreadable tensors ({err}); the file may be truncated"
+        ) from err
+    _check_state(state, model, path)
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def check_context_dim(
+    model: CLAP2DiffusionModel, context_dim: int, what: str = "this model"
+) -> None:
+    """Raise unless ``model`` was made for cross-attention of ``context_dim`` (768 for SD1.5)."""
+    if model.config.context_dim == context_dim:
+        return
+    family = {v: k for k, v in BASE_FAMILIES.items()}
+    raise CheckpointError(
+        f"CLAP2Diffusion file made for {model.config.base_family} (context_dim {model.config.context_dim}) "
+        f"but {what} expects context_dim {context_dim} ({family.get(context_dim, 'unknown family')}). "
+        "Use a CLAP2Diffusion file trained for this base model."
+    )
