@@ -7,6 +7,8 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
+logger = logging.getLogger(__name__)
+
 # One module per step of the pipeline, in the order a graph uses them.
 _NODE_MODULES = (
     "audio_nodes",
@@ -27,7 +29,7 @@ def all_nodes() -> list[type[io.ComfyNode]]:
             # Only a module of ours that is not written yet is skipped; a missing dependency fails loudly.
             if err.name != f"{__name__}.{name}":
                 raise
-            logging.debug("clap2diffusion: node module %s not present", name)
+            logger.debug("clap2diffusion: node module %s not present", name)
             continue
         nodes.extend(module.NODES)
     return nodes

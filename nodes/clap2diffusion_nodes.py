@@ -1,0 +1,166 @@
+"""CLAP2Diffusion loader, hierarchical decomposition and audio projection nodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..clap2diffusion_core.checkpoint import load_checkpoint
+from ..clap2diffusion_core.model import CLAP2DiffusionModel
+from ..clap2diffusion_core.preview import render_levels
+from ..clap2diffusion_core.types import AudioLevels
+from . import types
+
+
+@dataclass(frozen=True)
+class DecomposedAudio:
+    """The AUDIO_LEVELS socket value: a decomposition and the model that will project it."""
+
+    levels: AudioLevels
+    model: CLAP2DiffusionModel
+
+
+class Clap2DiffusionLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="C2D_Clap2DiffusionLoader",
+            display_name="CLAP2Diffusion Loader",
+            category=types.CATEGORY,
+            description="Loads a trained CLAP2Diffusion file (decomposer + projector, + adapters from stage 2).",
+            inputs=[
+                io.Combo.Input(
+                    "clap2diffusion_name",
+                    options=folder_paths.get_filename_list("clap2diffusion"),
+                    tooltip="A .safetensors file from models/clap2diffusion/ or the pack's checkpoints/ folder. "
+                    "Stage 1 files work with Apply Audio to Conditioning; stage 2/3 files also with "
+                    "Apply Audio to Model.",
+                ),
+            ],
+            outputs=[
+                types.Clap2DiffusionModel.Output(
+                    display_name="clap2diffusion",
+                    tooltip="The audio modules, for Hierarchical Decompose.",
+                )
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clap2diffusion_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(
+            "clap2diffusion", clap2diffusion_name
+        )
+        # The decomposer and projector are small (about 2.5M parameters) and run once per sound: keep
+        # them on the CPU. Stage 2/3 adapters are moved with the UNet by the model patch.
+        return io.NodeOutput(load_checkpoint(path, device="cpu"))
+
+
+class HierarchicalDecompose(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        level = "How strongly the {} of the sound shapes the image (1 = as the model decided, 0 = off)."
+        return io.Schema(
+            node_id="C2D_HierarchicalDecompose",
+            display_name="Hierarchical Decompose",
+            category=types.CATEGORY,
+            description="Splits a CLAP embedding into foreground, background and ambience tokens.",
+            inputs=[
+                types.Clap2DiffusionModel.Input(
+                    "clap2diffusion", tooltip="From CLAP2Diffusion Loader."
+                ),
+                types.ClapEmbeds.Input(
+                    "clap_embeds",
+                    tooltip="From CLAP Encode: one embedding per sound or window.",
+                ),
+                io.Float.Input(
+                    "foreground",
+                    default=1.0,
+                    min=0.0,
+                    max=4.0,
+                    step=0.05,
+                    tooltip=level.format(
+                        "foreground (events: thunder, a bark, an engine)"
+                    ),
+                ),
+                io.Float.Input(
+                    "background",
+                    default=1.0,
+                    min=0.0,
+                    max=4.0,
+                    step=0.05,
+                    tooltip=level.format("background (scenes: rain, crowd, traffic)"),
+                ),
+                io.Float.Input(
+                    "ambience",
+                    default=1.0,
+                    min=0.0,
+                    max=4.0,
+                    step=0.05,
+                    tooltip=level.format(
+                        "ambience (mood and space: eerie, a quiet room)"
+                    ),
+                ),
+                io.Float.Input(
+                    "temperature",
+                    default=0.0,
+                    min=0.0,
+                    max=4.0,
+                    step=0.05,
+                    optional=True,
+                    tooltip="Softness of the token-to-level assignment; 0 uses the file's own "
+                    "(0.5 after training). Higher spreads tokens across levels.",
+                ),
+            ],
+            outputs=[
+                types.AudioLevels.Output(
+                    display_name="audio_levels", tooltip="For Audio Project."
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        clap2diffusion: CLAP2DiffusionModel,
+        clap_embeds: torch.Tensor,
+        foreground: float,
+        background: float,
+        ambience: float,
+        temperature: float = 0.0,
+    ) -> io.NodeOutput:
+        levels = clap2diffusion.encode(clap_embeds, temperature=temperature or None)
+        levels = levels.with_level_scale(foreground, background, ambience)
+        preview = ui.PreviewImage(render_levels(levels), cls=cls)
+        return io.NodeOutput(DecomposedAudio(levels, clap2diffusion), ui=preview)
+
+
+class AudioProject(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="C2D_AudioProject",
+            display_name="Audio Project",
+            category=types.CATEGORY,
+            description="Projects the decomposed sound to 77 cross-attention tokens (mean norm 60 by default).",
+            inputs=[
+                types.AudioLevels.Input(
+                    "audio_levels", tooltip="From Hierarchical Decompose."
+                )
+            ],
+            outputs=[
+                types.AudioTokens.Output(
+                    display_name="audio_tokens",
+                    tooltip="For Apply Audio to Conditioning (any file) or Apply Audio to Model (stage 2/3).",
+                )
+            ],
+        )
+
+    @classmethod
+    def execute(cls, audio_levels: DecomposedAudio) -> io.NodeOutput:
+        return io.NodeOutput(audio_levels.model.project(audio_levels.levels))
+
+
+NODES = [Clap2DiffusionLoader, HierarchicalDecompose, AudioProject]

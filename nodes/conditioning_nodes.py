@@ -1,0 +1,60 @@
+"""Conditioning injection: audio tokens appended to a text CONDITIONING."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..clap2diffusion_core.conditioning import append_audio_tokens
+from ..clap2diffusion_core.types import AudioTokens
+from . import types
+
+
+class ApplyAudioToConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="C2D_ApplyAudioToConditioning",
+            display_name="Apply Audio to Conditioning",
+            category=types.CATEGORY,
+            description="Appends the audio tokens to the text tokens, so the prompt and the sound share the "
+            "cross-attention. Wire the positive prompt through it; the negative stays audio-free.",
+            inputs=[
+                io.Conditioning.Input(
+                    "conditioning",
+                    tooltip="Usually the positive prompt from CLIP Text Encode.",
+                ),
+                types.AudioTokens.Input("audio_tokens", tooltip="From Audio Project."),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=0.0,
+                    max=3.0,
+                    step=0.01,
+                    tooltip="Scale of the audio tokens. 0 returns the conditioning unchanged (the text-only image).",
+                ),
+            ],
+            outputs=[
+                io.Conditioning.Output(
+                    tooltip="Text + sound; goes to KSampler or ControlNet Apply."
+                )
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls, conditioning: list, audio_tokens: AudioTokens, strength: float
+    ) -> io.NodeOutput:
+        if strength == 0:
+            return io.NodeOutput(conditioning)
+        out = []
+        for text, options in conditioning:
+            out.append(
+                [
+                    append_audio_tokens(text, audio_tokens.tokens, strength),
+                    options.copy(),
+                ]
+            )
+        return io.NodeOutput(out)
+
+
+NODES = [ApplyAudioToConditioning]
