@@ -1,0 +1,258 @@
+"""Audio in, CLAP-ready windows out: decode, validate, mono, resample to 48 kHz, 10 s windows.
+
+Pure PyTorch (+ PyAV / soundfile for decoding); never imports ComfyUI. Waveforms are float32 in
+[-1, 1]: a file decodes to ``[C, T]``, ComfyUI's AUDIO carries ``[B, C, T]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from fractions import Fraction
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+CLAP_SAMPLE_RATE = 48_000
+WINDOW_SECONDS = 10.0
+WINDOW_SAMPLES = int(CLAP_SAMPLE_RATE * WINDOW_SECONDS)  # 480000
+# A trailing piece shorter than this is dropped when at least one full window exists: repeating
+# a few hundred milliseconds to fill 10 s makes a buzz, not the sound the user meant.
+MIN_TAIL_SECONDS = 1.0
+# Peak amplitude under which a clip counts as silent (about -100 dBFS).
+SILENCE_PEAK = 1e-5
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: the message says what was found and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def load_audio_file(path: str | os.PathLike, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
+    """Decode an audio file, or the audio track of a video, to ``([C, T] float32, sample_rate)``.
+
+    PyAV (FFmpeg) reads everything it knows; soundfile is the fallback. With ``max_seconds`` the
+    decoder stops once that much audio is read, so memory stays bounded on long files.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioError(f"Audio file not found: {path!r}. Put it in ComfyUI's input folder or upload it.")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{os.path.basename(path)!r} is empty (0 bytes). Re-export or re-upload the file.")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+
+    try:
+        waveform, sample_rate = _load_with_pyav(path, max_seconds)
+    except _NoAudioStream as err:
+        raise AudioError(
+            f"{os.path.basename(path)!r} {err}; {_sniff(path)}. Use a wav, flac, mp3 or ogg file, or a video with sound."
+        ) from None
+    except Exception as pyav_error:  # noqa: BLE001 - any FFmpeg failure: try the other decoder
+        try:
+            waveform, sample_rate = _load_with_soundfile(path, max_seconds)
+        except Exception:  # noqa: BLE001
+            raise AudioError(_describe_unreadable(path, pyav_error)) from pyav_error
+
+    if waveform.shape[-1] == 0:
+        raise AudioError(f"{os.path.basename(path)!r} decoded to no samples: the audio track is empty.")
+    return waveform, sample_rate
+
+
+class _NoAudioStream(Exception):
+    pass
+
+
+def _load_with_pyav(path: str, max_seconds: float | None) -> tuple[torch.Tensor, int]:
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.audio:
+            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+            raise _NoAudioStream(f"has no audio track (found: {', '.join(kinds)})")
+        stream = container.streams.audio[0]
+        # Convert every frame to float32 planar [C, n]: one code path for s16, s32, u8, flt, dbl...
+        resampler = av.AudioResampler(format="fltp")
+        chunks: list[torch.Tensor] = []
+        sample_rate = stream.codec_context.sample_rate or 0
+        limit = None
+        total = 0
+        for frame in container.decode(stream):
+            sample_rate = sample_rate or frame.sample_rate
+            if limit is None and max_seconds is not None:
+                limit = math.ceil(max_seconds * sample_rate)
+            for out in resampler.resample(frame):
+                chunks.append(torch.from_numpy(out.to_ndarray()))
+                total += chunks[-1].shape[-1]
+            if limit is not None and total >= limit:
+                break
+        else:
+            for out in resampler.resample(None):  # flush
+                chunks.append(torch.from_numpy(out.to_ndarray()))
+    if not chunks:
+        return torch.zeros(stream.codec_context.channels or 1, 0), sample_rate or 1
+    waveform = torch.cat(chunks, dim=-1).float()
+    if limit is not None:
+        waveform = waveform[:, :limit]
+    return waveform.contiguous(), int(sample_rate)
+
+
+def _load_with_soundfile(path: str, max_seconds: float | None) -> tuple[torch.Tensor, int]:
+    import soundfile as sf
+
+    with sf.SoundFile(path) as f:
+        frames = -1 if max_seconds is None else math.ceil(max_seconds * f.samplerate)
+        data = f.read(frames=frames, dtype="float32", always_2d=True)  # [T, C]
+        return torch.from_numpy(data.T.copy()), int(f.samplerate)
+
+
+_MAGIC = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x80\x02", "a Python pickle"),
+    (b"{", "a JSON/text file"),
+    (b"<", "an HTML/XML file"),
+)
+
+
+def _sniff(path: str) -> str:
+    """What a file looks like from its first bytes, so a wrong file reads differently from a broken one."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    looks = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+    if looks is None and head and all(32 <= b < 127 or b in b"\r\n\t" for b in head):
+        looks = "a text file"
+    return f"it looks like {looks}" if looks else f"it starts with bytes {head[:8].hex(' ')}"
+
+
+def _describe_unreadable(path: str, error: Exception) -> str:
+    name = os.path.basename(path)
+    return (
+        f"Cannot read {name!r} as audio ({os.path.getsize(path)} bytes; {_sniff(path)}). "
+        f"Decoder said: {error}. Use a wav, flac, mp3 or ogg file, or a video with an audio track; "
+        f"if the file is damaged, re-export it."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def validate_waveform(waveform: torch.Tensor, sample_rate: int) -> list[str]:
+    """Raise ``AudioError`` for unusable audio; return warnings (e.g. silence) for usable audio.
+
+    ``waveform`` is ``[C, T]`` or ``[B, C, T]``.
+    """
+    if not isinstance(waveform, torch.Tensor):
+        raise AudioError(f"Expected a waveform tensor, got {type(waveform).__name__}.")
+    if waveform.ndim not in (2, 3):
+        raise AudioError(f"Expected a waveform shaped [C, T] or [B, C, T], got {list(waveform.shape)}.")
+    if not isinstance(sample_rate, int) or sample_rate <= 0:
+        raise AudioError(f"Sample rate must be a positive integer, got {sample_rate!r}.")
+    if waveform.numel() == 0:
+        raise AudioError(f"The audio is empty (shape {list(waveform.shape)}): load a file with sound in it.")
+    if not waveform.is_floating_point():
+        raise AudioError(f"Expected float samples in [-1, 1], got {waveform.dtype}.")
+    finite = torch.isfinite(waveform)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise AudioError(f"The audio holds {bad} NaN/Inf samples: the file or an upstream node is broken.")
+
+    warnings: list[str] = []
+    peak = waveform.abs().flatten(-2).amax(-1)  # [B] or scalar
+    if bool((peak < SILENCE_PEAK).any()):
+        warnings.append("The audio is silent (peak below -100 dBFS): its CLAP embedding says little.")
+    seconds = waveform.shape[-1] / sample_rate
+    if seconds < 0.5:
+        warnings.append(f"The audio is only {seconds:.2f} s long; it is repeated to fill a 10 s window.")
+    return warnings
+
+
+# --------------------------------------------------------------------------------------------
+# Mono, resampling, windows
+# --------------------------------------------------------------------------------------------
+
+
+def to_mono(waveform: torch.Tensor) -> torch.Tensor:
+    """Average the channels: ``[..., C, T] -> [..., 1, T]``."""
+    return waveform.mean(dim=-2, keepdim=True)
+
+
+def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int = CLAP_SAMPLE_RATE) -> torch.Tensor:
+    """Band-limited (windowed-sinc) resampling along the last axis, pure PyTorch.
+
+    The same kernel as ``torchaudio.functional.resample`` (Hann window, 6 zero crossings, 0.99
+    rolloff) without needing torchaudio. Odd rates are snapped to a ratio with a denominator
+    of at most 1000 (error below 1e-6) so the polyphase kernel stays small.
+    """
+    if orig_sr == new_sr:
+        return waveform
+    ratio = Fraction(new_sr, orig_sr).limit_denominator(1000)
+    up, down = ratio.numerator, ratio.denominator
+    kernel, width = _sinc_kernel(down, up, str(waveform.device), waveform.dtype)
+    shape = waveform.shape
+    flat = waveform.reshape(-1, 1, shape[-1])
+    padded = F.pad(flat, (width, width + down))
+    out = F.conv1d(padded, kernel, stride=down)  # [M, up, frames]
+    out = out.transpose(1, 2).reshape(flat.shape[0], -1)
+    target = math.ceil(up * shape[-1] / down)
+    return out[:, :target].reshape(*shape[:-1], target)
+
+
+@lru_cache(maxsize=16)
+def _sinc_kernel(down: int, up: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """Polyphase kernel ``[up, 1, 2 * width + down]`` for resampling by ``up / down``."""
+    zero_crossings, rolloff = 6, 0.99
+    base = min(down, up) * rolloff  # cutoff below both Nyquist rates
+    width = math.ceil(zero_crossings * down / base)
+    idx = torch.arange(-width, width + down, dtype=torch.float64)[None, None] / down
+    t = torch.arange(0, -up, -1, dtype=torch.float64)[:, None, None] / up + idx
+    t = (t * base).clamp(-zero_crossings, zero_crossings)
+    window = torch.cos(t * math.pi / zero_crossings / 2) ** 2
+    t = t * math.pi
+    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t)
+    kernel = sinc * window * (base / down)
+    return kernel.to(device=device, dtype=dtype), width
+
+
+def repeat_pad(waveform: torch.Tensor, length: int = WINDOW_SAMPLES) -> torch.Tensor:
+    """CLAP's "repeatpad": tile a short clip as many whole times as fit, then zero-pad to ``length``."""
+    t = waveform.shape[-1]
+    if t >= length:
+        return waveform[..., :length]
+    tiled = waveform.repeat(*([1] * (waveform.ndim - 1)), length // t)
+    return F.pad(tiled, (0, length - tiled.shape[-1]))
+
+
+def prepare_windows(
+    waveform: torch.Tensor, sample_rate: int, window_seconds: float = WINDOW_SECONDS
+) -> torch.Tensor:
+    """ComfyUI AUDIO ``[B, C, T]`` -> CLAP input windows ``[B, N, window_samples]`` (mono, 48 kHz).
+
+    ``N = ceil(T / window)`` at 48 kHz, except that a last piece shorter than 1 s is dropped when
+    a full window precedes it. Each window shorter than the window length is repeat-padded.
+    Raises ``AudioError`` on empty or non-finite audio.
+    """
+    if waveform.ndim == 2:
+        waveform = waveform.unsqueeze(0)
+    validate_waveform(waveform, sample_rate)
+    size = int(round(window_seconds * CLAP_SAMPLE_RATE))
+    mono = resample(to_mono(waveform.float()), sample_rate, CLAP_SAMPLE_RATE)[:, 0]  # [B, T']
+    total = mono.shape[-1]
+    n = max(1, math.ceil(total / size))
+    if n > 1 and total - (n - 1) * size < MIN_TAIL_SECONDS * CLAP_SAMPLE_RATE:
+        n -= 1
+    windows = [repeat_pad(mono[:, i * size : (i + 1) * size], size) for i in range(n)]
+    return torch.stack(windows, dim=1)

@@ -1,0 +1,272 @@
+"""clap2diffusion_core.audio: decoding, validation, mono, 48 kHz, 10 s windows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from clap2diffusion_core import audio
+from clap2diffusion_core.audio import (
+    WINDOW_SAMPLES,
+    AudioError,
+    load_audio_file,
+    prepare_windows,
+    resample,
+    to_mono,
+    validate_waveform,
+)
+
+
+def tone(freq: float, sr: int, seconds: float, channels: int = 1, amp: float = 0.5) -> np.ndarray:
+    """A sine, ``[T, C]`` float32 (soundfile's layout)."""
+    t = np.arange(int(sr * seconds)) / sr
+    wave = (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.stack([wave] * channels, axis=1)
+
+
+def peak_hz(waveform: torch.Tensor, sr: int) -> float:
+    """Frequency of the strongest FFT bin of a mono ``[T]`` signal."""
+    spectrum = torch.fft.rfft(
+        waveform.double() * torch.hann_window(waveform.shape[-1], dtype=torch.float64)
+    ).abs()
+    return float(spectrum.argmax()) * sr / waveform.shape[-1]
+
+
+def write_mp4(path, sr: int = 44100, seconds: float = 1.0, with_audio: bool = True) -> None:
+    """A tiny mp4: 16x16 mpeg4 video (+ a 440 Hz AAC track)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width = video.height = 16
+        video.pix_fmt = "yuv420p"
+        sound = out.add_stream("aac", rate=sr) if with_audio else None
+        if sound is not None:
+            sound.layout = "stereo"
+        for _ in range(int(seconds * 10)):
+            frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
+            out.mux(video.encode(frame))
+        out.mux(video.encode())
+        if sound is not None:
+            pcm = tone(440, sr, seconds, channels=2).T.copy()  # planar [C, T]
+            for start in range(0, pcm.shape[1], 1024):
+                frame = av.AudioFrame.from_ndarray(
+                    pcm[:, start : start + 1024], format="fltp", layout="stereo"
+                )
+                frame.sample_rate = sr
+                out.mux(sound.encode(frame))
+            out.mux(sound.encode())
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ext, fmt, subtype",
+    [
+        ("wav", "WAV", "PCM_16"),
+        ("flac", "FLAC", "PCM_16"),
+        ("ogg", "OGG", "VORBIS"),
+        ("mp3", "MP3", "MPEG_LAYER_III"),
+    ],
+)
+def test_decodes_each_format_to_float_channels_first(tmp_path, ext, fmt, subtype):
+    path = tmp_path / f"tone.{ext}"
+    sf.write(path, tone(1000, 44100, 1.0, channels=2), 44100, format=fmt, subtype=subtype)
+
+    waveform, sr = load_audio_file(path)
+
+    assert sr == 44100
+    assert waveform.dtype == torch.float32 and waveform.shape[0] == 2
+    assert abs(waveform.shape[1] - 44100) < 0.1 * 44100  # mp3/ogg add codec padding
+    assert abs(peak_hz(waveform[0], sr) - 1000) < 5
+    assert 0.3 < waveform.abs().max() <= 1.0
+
+
+def test_decodes_the_audio_track_of_a_video(tmp_path):
+    path = tmp_path / "clip.mp4"
+    write_mp4(path)
+
+    waveform, sr = load_audio_file(path)
+
+    assert sr == 44100 and waveform.shape[0] == 2
+    assert abs(peak_hz(waveform[0], sr) - 440) < 5
+
+
+def test_video_without_audio_track_is_refused(tmp_path):
+    path = tmp_path / "silent_film.mp4"
+    write_mp4(path, with_audio=False)
+
+    with pytest.raises(AudioError, match="no audio track.*video.*or a video with sound"):
+        load_audio_file(path)
+
+
+def test_max_seconds_stops_decoding_early(tmp_path):
+    path = tmp_path / "long.flac"
+    sf.write(path, tone(440, 16000, 60.0), 16000)
+
+    waveform, sr = load_audio_file(path, max_seconds=2.5)
+
+    assert waveform.shape == (1, 40000) and sr == 16000
+
+
+def test_soundfile_is_the_fallback_decoder(tmp_path, monkeypatch):
+    path = tmp_path / "tone.wav"
+    sf.write(path, tone(440, 22050, 0.5), 22050)
+    monkeypatch.setattr(audio, "_load_with_pyav", lambda *a: (_ for _ in ()).throw(RuntimeError("no ffmpeg")))
+
+    waveform, sr = load_audio_file(path, max_seconds=0.25)
+
+    assert sr == 22050 and waveform.shape == (1, 5513)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(64), "looks like a PNG image"),
+        (b"just some notes, not a sound\n" * 4, "looks like a text file"),
+        (bytes(range(256)), "starts with bytes 00 01 02"),
+    ],
+)
+def test_unreadable_file_says_what_it_looked_like_and_what_to_do(tmp_path, content, expected):
+    path = tmp_path / "thunder.wav"
+    path.write_bytes(content)
+
+    with pytest.raises(AudioError) as err:
+        load_audio_file(path)
+
+    message = str(err.value)
+    assert "thunder.wav" in message and expected in message
+    assert "wav, flac, mp3 or ogg" in message
+
+
+def test_missing_and_empty_files_are_refused(tmp_path):
+    with pytest.raises(AudioError, match="not found"):
+        load_audio_file(tmp_path / "nope.wav")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(AudioError, match="empty"):
+        load_audio_file(tmp_path / "empty.wav")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def test_valid_audio_has_no_warnings():
+    assert validate_waveform(torch.rand(1, 2, 48000) - 0.5, 48000) == []
+
+
+def test_silence_is_a_warning_not_an_error():
+    warnings = validate_waveform(torch.zeros(1, 1, 48000), 48000)
+    assert any("silent" in w for w in warnings)
+
+
+def test_very_short_audio_is_a_warning():
+    warnings = validate_waveform(torch.rand(1, 4800) - 0.5, 48000)
+    assert any("0.10 s" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    "waveform, sr, match",
+    [
+        (torch.zeros(1, 2, 0), 48000, "empty"),
+        (torch.tensor([[[0.0, float("nan"), 0.1]]]), 48000, "1 NaN/Inf"),
+        (torch.tensor([[[0.0, float("inf")]]]), 48000, "NaN/Inf"),
+        (torch.zeros(4), 48000, r"\[C, T\] or \[B, C, T\]"),
+        (torch.zeros(1, 100), 0, "Sample rate"),
+        (torch.zeros(1, 100, dtype=torch.int16), 48000, "float samples"),
+    ],
+)
+def test_unusable_waveforms_raise_audio_error(waveform, sr, match):
+    with pytest.raises(AudioError, match=match):
+        validate_waveform(waveform, sr)
+
+
+def test_audio_error_is_a_value_error():
+    assert issubclass(AudioError, ValueError)
+
+
+# --------------------------------------------------------------------------------------------
+# Mono and resampling
+# --------------------------------------------------------------------------------------------
+
+
+def test_to_mono_averages_channels():
+    stereo = torch.stack([torch.ones(10), -torch.ones(10) * 0.5]).unsqueeze(0)  # [1, 2, 10]
+    mono = to_mono(stereo)
+    assert mono.shape == (1, 1, 10)
+    assert torch.allclose(mono, torch.full((1, 1, 10), 0.25))
+
+
+@pytest.mark.parametrize("sr", [8000, 22050, 44100, 192000])
+def test_resample_to_48k_keeps_length_and_pitch(sr):
+    wave = torch.from_numpy(tone(1000, sr, 2.0)[:, 0])
+
+    out = resample(wave, sr, 48000)
+
+    assert out.shape == (96000,)
+    assert abs(peak_hz(out, 48000) - 1000) < 1
+    assert abs(out.abs().max() - 0.5) < 0.02  # no gain change
+
+
+def test_resample_matches_torchaudio():
+    torchaudio = pytest.importorskip("torchaudio")
+    wave = torch.randn(2, 44100)
+    ours = resample(wave, 44100, 48000)
+    ref = torchaudio.functional.resample(wave, 44100, 48000)
+    assert torch.allclose(ours, ref, atol=1e-4)
+
+
+def test_resample_handles_odd_rates_with_a_small_kernel():
+    out = resample(torch.randn(1, 44099), 44099, 48000)  # reduced ratio would be 48000/44099
+    assert abs(out.shape[-1] - 48000) <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------------
+
+
+def test_short_clip_is_repeat_padded_into_one_window():
+    clip = torch.rand(1, 1, 3 * 48000) - 0.5  # 3 s
+
+    windows = prepare_windows(clip, 48000)
+
+    assert windows.shape == (1, 1, WINDOW_SAMPLES)
+    w = windows[0, 0]
+    for k in range(3):  # three whole copies fit in 10 s ...
+        assert torch.equal(w[k * 144000 : (k + 1) * 144000], clip[0, 0])
+    assert torch.all(w[432000:] == 0)  # ... then zeros
+
+
+def test_exactly_ten_seconds_is_one_untouched_window():
+    clip = torch.rand(2, 1, WINDOW_SAMPLES) - 0.5
+    windows = prepare_windows(clip, 48000)
+    assert windows.shape == (2, 1, WINDOW_SAMPLES)
+    assert torch.equal(windows[:, 0], clip[:, 0])
+
+
+@pytest.mark.parametrize("seconds, n", [(25.0, 3), (20.5, 2), (21.5, 3), (10.01, 1)])
+def test_long_audio_is_cut_into_ten_second_windows(seconds, n):
+    clip = torch.rand(1, 2, int(seconds * 16000)) - 0.5  # 16 kHz stereo
+
+    windows = prepare_windows(clip, 16000)
+
+    # A last piece under 1 s is dropped when a full window exists; the rest is repeat-padded.
+    assert windows.shape == (1, n, WINDOW_SAMPLES)
+
+
+def test_windows_accept_a_single_clip_without_batch_dim():
+    assert prepare_windows(torch.rand(2, 48000) - 0.5, 48000).shape == (1, 1, WINDOW_SAMPLES)
+
+
+def test_windows_refuse_nan():
+    with pytest.raises(AudioError, match="NaN"):
+        prepare_windows(torch.full((1, 1, 100), math.nan), 48000)
