@@ -1,0 +1,288 @@
+"""clap2diffusion_core.clap: the CLAP encoder's front end, embedding modes and model loading."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, PreTrainedTokenizerFast
+
+from clap2diffusion_core.audio import WINDOW_SAMPLES, AudioError
+from clap2diffusion_core.clap import ClapEncoder, ClapError, MelConfig, _features, load_clap
+
+WORDS = "<s> <pad> </s> <unk> a the sound of thunder rain dog barking on beach waves".split()
+
+
+def small_config(fused: bool = False) -> ClapConfig:
+    """The HTS-AT + RoBERTa architecture, shrunk so a 10 s window encodes in well under a second."""
+    audio = dict(
+        depths=[1, 1, 1, 1],
+        patch_embeds_hidden_size=32,
+        num_attention_heads=[1, 2, 4, 8],
+        hidden_size=256,  # 32 * 2 ** 3: the last Swin stage's width
+        enable_fusion=fused,
+        fusion_type="aff_2d" if fused else None,
+    )
+    text = dict(
+        vocab_size=len(WORDS),
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+    )
+    return ClapConfig(audio_config=audio, text_config=text, projection_dim=512)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def encoder() -> ClapEncoder:
+    torch.manual_seed(0)
+    return ClapEncoder(ClapModel(small_config()).eval(), word_tokenizer())
+
+
+def noise(*shape: int, seed: int = 0) -> torch.Tensor:
+    return (torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) - 0.5) * 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Front end
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused, truncation", [(False, "rand_trunc"), (True, "fusion")])
+def test_log_mel_matches_transformers_feature_extractor(fused, truncation):
+    """Same mel filters (Slaney unfused, HTK fused) and dB scale as ClapFeatureExtractor."""
+    torch.manual_seed(0)
+    enc = ClapEncoder(ClapModel(small_config(fused)))
+    windows = noise(2, WINDOW_SAMPLES)
+    extractor = ClapFeatureExtractor(truncation=truncation, frequency_min=50, frequency_max=14000)
+
+    ref = extractor(list(windows.numpy()), sampling_rate=48000, return_tensors="pt")["input_features"][:, 0]
+    ours = enc.log_mel(windows)
+
+    assert ours.shape == ref.shape == (2, 1001, 64)
+    assert torch.allclose(ours, ref.float(), atol=1e-3)
+
+
+def test_mel_config_reads_preprocessor_config():
+    cfg = MelConfig.from_preprocessor_config({"frequency_min": 0, "frequency_max": 8000, "feature_size": 64})
+    assert (cfg.f_min, cfg.f_max, cfg.n_mels, cfg.hop_length) == (0.0, 8000.0, 64, 480)
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def test_encode_windows_gives_unit_vectors(encoder):
+    emb = encoder.encode_windows(noise(3, WINDOW_SAMPLES))
+    assert emb.shape == (3, 512) and emb.dtype == torch.float32
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_encode_windows_refuses_wrong_length(encoder):
+    with pytest.raises(ClapError, match=r"\[N, 480000\]"):
+        encoder.encode_windows(torch.zeros(1, 1000))
+
+
+def test_embedding_is_deterministic_and_batch_independent(encoder):
+    windows = noise(2, WINDOW_SAMPLES, seed=1)
+    a = encoder.encode_windows(windows)
+    b = encoder.encode_windows(windows)
+    one_by_one = torch.cat([encoder.encode_windows(windows[i : i + 1], batch_size=1) for i in range(2)])
+    assert torch.equal(a, b)
+    assert torch.allclose(a, one_by_one, atol=1e-5)
+
+
+def test_exactly_ten_seconds_is_encoded_whole_not_cropped(encoder):
+    clip = noise(1, 1, WINDOW_SAMPLES, seed=2)  # [B, C, T] at 48 kHz
+    assert torch.equal(encoder.embed(clip, 48000, "first"), encoder.encode_windows(clip[:, 0]))
+
+
+@pytest.fixture(scope="module")
+def long_stereo() -> torch.Tensor:
+    """Two 25 s stereo clips at 16 kHz: three 10 s windows each."""
+    return noise(2, 2, 25 * 16000, seed=3)
+
+
+@pytest.fixture(scope="module")
+def per_window(encoder, long_stereo) -> torch.Tensor:
+    return encoder.embed(long_stereo, 16000, "per_window")
+
+
+def test_per_window_mode_gives_one_row_per_window_batch_major(encoder, per_window):
+    assert per_window.shape == (6, 512)
+    assert torch.allclose(per_window.norm(dim=-1), torch.ones(6), atol=1e-5)
+    assert not torch.allclose(per_window[0], per_window[1])  # different windows, different rows
+
+
+def test_first_mode_is_the_first_window(encoder, long_stereo, per_window):
+    first = encoder.embed(long_stereo, 16000, "first")
+    assert first.shape == (2, 512)
+    assert torch.allclose(first, per_window[[0, 3]], atol=1e-4)
+
+
+def test_mean_mode_is_the_normalised_mean_of_windows(encoder, long_stereo, per_window):
+    mean = encoder.embed(long_stereo, 16000, "mean")
+    expected = torch.nn.functional.normalize(per_window.reshape(2, 3, 512).mean(1), dim=-1)
+    assert mean.shape == (2, 512)
+    assert torch.allclose(mean, expected, atol=1e-5)
+
+
+def test_short_clip_modes_agree(encoder):
+    clip = noise(1, 1, 3 * 44100, seed=4)  # 3 s: one repeat-padded window
+    first = encoder.embed(clip, 44100, "first")
+    assert torch.allclose(first, encoder.embed(clip, 44100, "mean"), atol=1e-5)
+    assert torch.allclose(first, encoder.embed(clip, 44100, "per_window"), atol=1e-5)
+
+
+def test_embed_rejects_bad_mode_and_bad_audio(encoder):
+    with pytest.raises(ClapError, match="first, mean, per_window"):
+        encoder.embed(noise(1, 1, 48000), 48000, "median")
+    with pytest.raises(AudioError, match="NaN"):
+        encoder.embed(torch.full((1, 1, 48000), float("nan")), 48000)
+
+
+def test_fused_model_encodes_deterministically():
+    torch.manual_seed(0)
+    enc = ClapEncoder(ClapModel(small_config(fused=True)).eval())
+    windows = noise(2, WINDOW_SAMPLES, seed=5)
+    a, b = enc.encode_windows(windows), enc.encode_windows(windows)
+    assert a.shape == (2, 512) and torch.equal(a, b)
+
+
+def test_encode_text(encoder):
+    emb = encoder.encode_text(["the sound of thunder", "a dog barking on the beach"])
+    assert emb.shape == (2, 512)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(encoder.encode_text(["the sound of thunder"]), emb[:1], atol=1e-5)  # padding-free
+
+
+def test_encode_text_without_tokenizer_says_so():
+    enc = ClapEncoder(ClapModel(small_config()))
+    with pytest.raises(ClapError, match="without a tokenizer"):
+        enc.encode_text(["rain"])
+
+
+def test_features_accept_transformers_4_tensor_and_5_output_object():
+    t = torch.randn(2, 512)
+    assert _features(t) is t  # transformers 4.x
+    assert _features(SimpleNamespace(pooler_output=t)) is t  # transformers 5.x
+    with pytest.raises(ClapError, match="Unexpected CLAP output"):
+        _features(SimpleNamespace(last_hidden_state=t))
+
+
+def test_encoder_moves_like_a_module(encoder):
+    """ModelPatcher moves the encoder with .to(); the mel front end must follow."""
+    buffers = dict(encoder.named_buffers())
+    assert "mel_filters" in buffers and "stft_window" in buffers
+    assert encoder.device == torch.device("cpu") and encoder.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory, encoder):
+    folder = tmp_path_factory.mktemp("clap") / "tiny-clap"
+    encoder.model.save_pretrained(folder)
+    encoder.tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"feature_extractor_type": "ClapFeatureExtractor", "frequency_min": 50, "frequency_max": 14000}
+        )
+    )
+    return folder
+
+
+def test_load_transformers_folder_with_tokenizer(saved_folder, encoder):
+    loaded = load_clap(saved_folder)
+    windows = noise(1, WINDOW_SAMPLES, seed=6)
+    assert torch.allclose(loaded.encode_windows(windows), encoder.encode_windows(windows), atol=1e-5)
+    assert torch.allclose(loaded.encode_text(["rain"]), encoder.encode_text(["rain"]), atol=1e-5)
+
+
+def test_load_single_safetensors_with_config_beside_it(tmp_path, saved_folder, encoder):
+    from safetensors.torch import load_file
+
+    weights = tmp_path / "my_clap.safetensors"
+    save_file(load_file(saved_folder / "model.safetensors"), weights)
+    (tmp_path / "my_clap.json").write_text((saved_folder / "config.json").read_text())
+
+    loaded = load_clap(weights)
+
+    windows = noise(1, WINDOW_SAMPLES, seed=7)
+    assert torch.allclose(loaded.encode_windows(windows), encoder.encode_windows(windows), atol=1e-5)
+
+
+def test_safetensors_without_config_is_refused_with_a_hint(tmp_path):
+    weights = tmp_path / "lonely.safetensors"
+    save_file({"audio_model.x": torch.zeros(1)}, weights)
+    with pytest.raises(ClapError, match="no config.*lonely.json"):
+        load_clap(weights)
+
+
+def test_pickle_that_needs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "args": SimpleNamespace(lr=1)}, path)  # needs a class to unpickle
+    with pytest.raises(ClapError, match="Refusing.*unsafe"):
+        load_clap(path)
+
+
+def test_garbage_checkpoint_and_unknown_files_are_refused(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"\x00 not a checkpoint")
+    with pytest.raises(ClapError, match="broken.pt"):
+        load_clap(bad)
+    other = tmp_path / "weights.pt"
+    torch.save({"unet.weight": torch.zeros(1)}, other)
+    with pytest.raises(ClapError, match="no CLAP weights"):
+        load_clap(other)
+    with pytest.raises(ClapError, match="not found"):
+        load_clap(tmp_path / "missing.pt")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ClapError, match="expected a folder"):
+        load_clap(tmp_path / "notes.txt")
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ClapError, match="no config.json"):
+        load_clap(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Real size
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_size_htsat_tiny_encodes_a_ten_second_clip():
+    """ClapModel(ClapConfig()) is the laion/clap-htsat-unfused architecture."""
+    torch.manual_seed(0)
+    enc = ClapEncoder(ClapModel(ClapConfig()).eval())
+    clip = torch.from_numpy(np.sin(np.linspace(0, 2e4, WINDOW_SAMPLES, dtype=np.float32)))[None, None]
+    enc.embed(clip, 48000)  # warm-up
+    start = time.perf_counter()
+    emb = enc.embed(clip, 48000)
+    elapsed = time.perf_counter() - start
+    assert emb.shape == (1, 512)
+    print(f"CLAP HTSAT-tiny, one 10 s clip on CPU: {elapsed:.2f} s")
