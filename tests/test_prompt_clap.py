@@ -1,0 +1,133 @@
+"""Audio to Prompt through a real transformers ClapModel whose weights make the answer known.
+
+A small CLAP (the real HTS-AT + RoBERTa architecture, shrunk) is given an audio projection solved
+so that sound A (a rumble) lands exactly on the text embedding of "the sound of thunder" and
+sound B (a hiss) on "the sound of rain". Everything else (log-mel front end, both towers, the
+tokenizer, label caching) is the real path the node takes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import ClapConfig, ClapModel, PreTrainedTokenizerFast
+
+from clap2diffusion_core.clap import ClapEncoder
+from clap2diffusion_core.prompt import LabelEmbeddingCache, describe_audio, model_fingerprint
+from clap2diffusion_core.vocabulary import SoundLabel, Vocabulary
+
+VOCABULARY = Vocabulary(
+    (
+        SoundLabel("thunder", "foreground", "thunderstorm, lightning"),
+        SoundLabel("dog bark", "foreground", "dog barking"),
+        SoundLabel("rain", "background", "rain, wet streets"),
+        SoundLabel("crowd", "background", "crowd of people"),
+        SoundLabel("quiet room", "ambience", "quiet room, stillness"),
+        SoundLabel("jazz", "ambience", "jazz club"),
+    )
+)
+WORDS = "<s> <pad> </s> <unk> the sound of thunder dog bark rain crowd quiet room jazz".split()
+RATE = 48_000
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def small_clap() -> ClapModel:
+    audio = dict(depths=[1, 1, 1, 1], patch_embeds_hidden_size=32, num_attention_heads=[1, 2, 4, 8], hidden_size=256)
+    text = dict(vocab_size=len(WORDS), hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)
+    return ClapModel(ClapConfig(audio_config=audio, text_config=text, projection_dim=512)).eval()
+
+
+def sounds() -> torch.Tensor:
+    """``[2, 1, 10 s]``: A a low rumble (brown noise), B a hiss (white noise)."""
+    generator = torch.Generator().manual_seed(0)
+    white = torch.randn(2, RATE * 10, generator=generator)
+    rumble = white[0].cumsum(0)
+    rumble = rumble - rumble.mean()
+    return torch.stack([rumble / rumble.abs().max(), 0.3 * white[1]]).unsqueeze(1)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> ClapEncoder:
+    """A CLAP that hears sound A as thunder and sound B as rain, by construction."""
+    torch.manual_seed(0)
+    encoder = ClapEncoder(small_clap(), word_tokenizer())
+    # A random text tower maps every text to nearly one direction (cosines above 0.99): centre its
+    # projection on the vocabulary, so the labels spread out as a trained CLAP's do.
+    text_projection = encoder.model.text_projection.linear2
+    outputs: list[torch.Tensor] = []
+    hook = text_projection.register_forward_hook(lambda module, args, out: outputs.append(out))
+    encoder.encode_text([f"the sound of {entry.label}" for entry in VOCABULARY])
+    hook.remove()
+    with torch.no_grad():
+        text_projection.bias.sub_(outputs[0].mean(dim=0))
+
+    targets = encoder.encode_text(["the sound of thunder", "the sound of rain"])  # [2, 512]
+    # What the last projection layer sees for each sound: [2, 512].
+    projection = encoder.model.audio_projection.linear2
+    seen: list[torch.Tensor] = []
+    hook = projection.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    encoder.embed(sounds(), RATE, "first")
+    hook.remove()
+    hidden = torch.cat(seen).double()
+    # Least-norm W with W @ hidden[i] = targets[i]: the two sounds map exactly onto the two texts.
+    weight = targets.double().T @ torch.linalg.pinv(hidden.T)
+    with torch.no_grad():
+        projection.weight.copy_(weight.float())
+        projection.bias.zero_()
+    return encoder
+
+
+def test_sound_a_is_heard_as_thunder_and_sound_b_as_rain(encoder):
+    embeds = encoder.embed(sounds(), RATE, "first")  # [2, 512]
+    bank = LabelEmbeddingCache().get(encoder, VOCABULARY)
+    a, b = describe_audio(embeds, bank, counts=(1, 1, 1), threshold=-1.0)
+    assert a.selected["foreground"][0].label.label == "thunder"
+    assert b.selected["background"][0].label.label == "rain"
+    assert a.selected["foreground"][0].score == pytest.approx(1.0, abs=1e-3)
+    assert b.selected["background"][0].score == pytest.approx(1.0, abs=1e-3)
+    # The threshold keeps only what was built in: each sound names its own label and nothing else.
+    a, b = describe_audio(embeds, bank, counts=(1, 1, 1), threshold=0.99)
+    assert (a.text, b.text) == ("thunderstorm, lightning", "rain, wet streets")
+
+
+def test_windows_of_a_long_sound_each_get_their_prompt(encoder):
+    storyboard = torch.cat([sounds()[0], sounds()[1], sounds()[0]], dim=-1)[None]  # A, B, A: 30 s
+    embeds = encoder.embed(storyboard, RATE, "per_window")
+    assert embeds.shape == (3, 512)
+    bank = LabelEmbeddingCache().get(encoder, VOCABULARY)
+    prompts = describe_audio(embeds, bank, counts=(1, 1, 0), threshold=0.99, template="a harbour, {audio}")
+    assert [p.text for p in prompts] == [
+        "a harbour, thunderstorm, lightning",
+        "a harbour, rain, wet streets",
+        "a harbour, thunderstorm, lightning",
+    ]
+
+
+def test_the_disk_cache_knows_the_same_weights_after_a_reload(encoder, tmp_path):
+    LabelEmbeddingCache(tmp_path).get(encoder, VOCABULARY)
+    reloaded = copy.deepcopy(encoder)  # as if loaded again from the same file
+    calls = []
+    reloaded.encode_text = lambda texts: calls.append(texts) or encoder.encode_text(texts)
+    LabelEmbeddingCache(tmp_path).get(reloaded, VOCABULARY)
+    assert calls == []
+
+    assert model_fingerprint(reloaded) == model_fingerprint(encoder)
+    with torch.no_grad():
+        reloaded.model.text_projection.linear2.bias.add_(0.1)
+    assert model_fingerprint(reloaded) != model_fingerprint(encoder)
+    LabelEmbeddingCache(tmp_path).get(reloaded, VOCABULARY)
+    assert len(calls) == 1
