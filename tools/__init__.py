@@ -1,0 +1,1 @@
+"""Developer tools: environment setup, random-weight test models, the headless demo runner."""
