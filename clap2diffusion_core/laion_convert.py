@@ -110,7 +110,10 @@ def _convert_audio_key(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]
 
 def _add_text_buffers(out: dict[str, torch.Tensor]) -> None:
     """RoBERTa's index buffers: older transformers saved ``position_ids``, none saved ``token_type_ids``."""
-    positions = out[_TEXT + "embeddings.position_embeddings.weight"].shape[0]
+    table = out.get(_TEXT + "embeddings.position_embeddings.weight")
+    if table is None:  # not a RoBERTa text branch: infer_config says so
+        return
+    positions = table.shape[0]
     ids = torch.arange(positions).unsqueeze(0)
     out.setdefault(_TEXT + "embeddings.position_ids", ids)
     out[_TEXT + "embeddings.position_ids"] = out[_TEXT + "embeddings.position_ids"].long()
