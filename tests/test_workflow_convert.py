@@ -1,0 +1,88 @@
+"""tools/run_workflow.py: frontend (UI) workflow JSON -> API prompt, and running it for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from comfy_server import ComfyClient
+
+from tools.run_workflow import WorkflowError, map_widget_values, rewrite_files, ui_to_api
+
+DATA = Path(__file__).parent / "data"
+WORKFLOW = DATA / "core_text_to_image.ui.json"
+EXAMPLES = sorted((Path(__file__).parents[1] / "example_workflows").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def object_info() -> dict:
+    # A snapshot of ComfyUI 0.3.75's /object_info for the core nodes used here.
+    return json.loads((DATA / "object_info_core.json").read_text())
+
+
+def test_core_workflow_converts_to_the_prompt_the_frontend_queues(object_info: dict) -> None:
+    prompt = ui_to_api(json.loads(WORKFLOW.read_text()), object_info)
+    assert set(prompt) == {"3", "4", "5", "6", "7", "8", "9"}  # no Note, Reroute, Primitive, muted node
+    assert prompt["3"]["inputs"] == {
+        "seed": 1234, "steps": 4, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+        "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0],
+    }
+    assert prompt["8"]["inputs"] == {"samples": ["3", 0], "vae": ["4", 2]}  # through the Reroute
+    assert prompt["6"]["inputs"]["text"] == "a beach at dusk, storm clouds"
+    assert prompt["6"]["_meta"]["title"] == "Positive"
+    assert prompt["5"]["inputs"] == {"width": 256, "height": 256, "batch_size": 1}
+
+
+def test_primitive_node_value_wins_over_the_stale_widget_value(object_info: dict) -> None:
+    workflow = json.loads(WORKFLOW.read_text())
+    primitive = next(n for n in workflow["nodes"] if n["type"] == "PrimitiveNode")
+    primitive["widgets_values"] = [99, "fixed"]
+    assert ui_to_api(workflow, object_info)["3"]["inputs"]["seed"] == 99
+
+
+def test_bypassed_node_passes_its_input_through(object_info: dict) -> None:
+    workflow = json.loads(WORKFLOW.read_text())
+    # Bypass VAEDecode's source (KSampler): VAEDecode then decodes the empty latent directly.
+    next(n for n in workflow["nodes"] if n["id"] == 3)["mode"] = 4
+    prompt = ui_to_api(workflow, object_info)
+    assert "3" not in prompt
+    assert prompt["8"]["inputs"]["samples"] == ["5", 0]
+
+
+def test_widget_values_skip_control_and_upload_values(object_info: dict) -> None:
+    assert map_widget_values(object_info["LoadAudio"], ["rain.wav", None, None]) == {"audio": "rain.wav"}
+    assert map_widget_values(object_info["LoadImage"], ["cat.png", "image"]) == {"image": "cat.png"}
+    assert map_widget_values(object_info["KSampler"], [5, "randomize", 20, 8, "euler", "normal", 1])["steps"] == 20
+    # Older workflows saved no control value after the seed.
+    assert map_widget_values(object_info["KSampler"], [5, 20, 8, "euler", "normal", 1])["steps"] == 20
+
+
+def test_missing_files_are_pointed_at_what_exists(object_info: dict) -> None:
+    prompt = ui_to_api(json.loads(WORKFLOW.read_text()), object_info)
+    changes = rewrite_files(prompt, object_info, ["tiny-sd15.safetensors"])
+    assert prompt["4"]["inputs"]["ckpt_name"] == "tiny-sd15.safetensors"
+    assert changes == ["node 4 (CheckpointLoaderSimple) ckpt_name: 'v1-5-pruned-emaonly.safetensors' "
+                       "-> 'tiny-sd15.safetensors'"]
+
+
+def test_unknown_node_type_is_named(object_info: dict) -> None:
+    workflow = json.loads(WORKFLOW.read_text())
+    workflow["nodes"][0]["type"] = "NoSuchNode"
+    with pytest.raises(WorkflowError, match="NoSuchNode"):
+        ui_to_api(workflow, object_info)
+
+
+def test_converted_workflow_runs_on_the_real_server(comfy: ComfyClient) -> None:
+    info = comfy.object_info()
+    prompt = ui_to_api(json.loads(WORKFLOW.read_text()), info)
+    rewrite_files(prompt, info, ["tiny-sd15.safetensors"])
+    images = comfy.run(prompt, timeout=300)
+    assert len(images) == 1 and images[0][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_workflows_convert_against_the_real_server(comfy: ComfyClient, path: Path) -> None:
+    # Every shipped template must use only nodes this server has, with widgets that map.
+    prompt = ui_to_api(json.loads(path.read_text()), comfy.object_info())
+    assert prompt
