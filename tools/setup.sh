@@ -71,6 +71,11 @@ rm -f "$CONSTRAINTS.comfy"
 
 log "installing the pack's requirements"
 "${PIP[@]}" -c "$CONSTRAINTS" -r requirements.txt -r requirements-dev.txt
+# Test-only packages whose own pins would break the environment (laion-clap pins numpy<2):
+# their needed imports are listed in requirements-dev.txt.
+if [[ -f requirements-nodeps.txt ]]; then
+    "${PIP[@]}" --no-deps -r requirements-nodeps.txt
+fi
 
 mkdir -p "$COMFY/custom_nodes"
 link="$COMFY/custom_nodes/clap2diffusion"
