@@ -98,7 +98,8 @@ class ClapEncoder(nn.Module):
         return int(self.model.config.projection_dim)
 
     @property
-    def device(self) -> torch.device:
+    def compute_device(self) -> torch.device:
+        # Not ``device``: ComfyUI's ModelPatcher keeps its own ``model.device`` bookkeeping attribute.
         return next(self.model.parameters()).device
 
     @property
@@ -135,7 +136,7 @@ class ClapEncoder(nn.Module):
             raise ClapError(f"Expected windows shaped [N, {WINDOW_SAMPLES}], got {list(windows.shape)}.")
         out = []
         for chunk in windows.split(batch_size):
-            mel = self.log_mel(chunk.to(self.device)).unsqueeze(1)  # [n, 1, frames, mels]
+            mel = self.log_mel(chunk.to(self.compute_device)).unsqueeze(1)  # [n, 1, frames, mels]
             # Fused models take four mel views; a window of exactly 10 s is "not longer", so the
             # model reads only the first (laion-clap's inference path): no random crops.
             channels = 4 if self.fused else 1
@@ -159,8 +160,8 @@ class ClapEncoder(nn.Module):
             list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
         features = self.model.get_text_features(
-            input_ids=tokens["input_ids"].to(self.device),
-            attention_mask=tokens["attention_mask"].to(self.device),
+            input_ids=tokens["input_ids"].to(self.compute_device),
+            attention_mask=tokens["attention_mask"].to(self.compute_device),
         )
         return F.normalize(_features(features).float(), dim=-1)
 

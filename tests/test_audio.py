@@ -270,3 +270,77 @@ def test_windows_accept_a_single_clip_without_batch_dim():
 def test_windows_refuse_nan():
     with pytest.raises(AudioError, match="NaN"):
         prepare_windows(torch.full((1, 1, 100), math.nan), 48000)
+
+
+# --------------------------------------------------------------------------------------------
+# Load Audio (CLAP2Diffusion) node
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def load_audio_node(tmp_path, monkeypatch):
+    """The node module, with ComfyUI's input folder pointed at ``tmp_path / "input"``."""
+    import comfy_pack
+
+    nodes = comfy_pack.load("nodes.audio_nodes")
+    import folder_paths
+
+    input_dir = tmp_path / "input"
+    (input_dir / "sub").mkdir(parents=True)
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(input_dir))
+    sf.write(input_dir / "thunder.wav", tone(100, 16000, 1.0, channels=2), 16000)
+    sf.write(input_dir / "sub" / "rain.flac", tone(3000, 22050, 0.5), 22050)
+    (input_dir / "notes.txt").write_text("not audio")
+    return nodes
+
+
+def test_load_audio_node_lists_audio_and_video_files(load_audio_node):
+    assert load_audio_node.input_audio_files() == ["thunder.wav"]
+    schema = load_audio_node.LoadAudio.define_schema()
+    combo = schema.inputs[0]
+    assert combo.options == ["thunder.wav"] and combo.upload.value == "audio_upload"
+    assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
+
+
+def test_load_audio_node_outputs_core_audio_and_a_preview(load_audio_node):
+    out = load_audio_node.LoadAudio.execute("sub/rain.flac")
+
+    audio_out = out.args[0]
+    assert audio_out["sample_rate"] == 22050
+    assert audio_out["waveform"].shape == (1, 1, 11025) and audio_out["waveform"].dtype == torch.float32
+    assert out.ui.as_dict() == {"audio": [{"filename": "rain.flac", "subfolder": "sub", "type": "input"}]}
+
+
+def test_load_audio_node_max_seconds(load_audio_node):
+    out = load_audio_node.LoadAudio.execute("thunder.wav", max_seconds=0.25)
+    assert out.args[0]["waveform"].shape == (1, 2, 4000)
+
+
+def test_load_audio_node_fingerprint_follows_file_content(load_audio_node, tmp_path):
+    node = load_audio_node.LoadAudio
+    before = node.fingerprint_inputs("thunder.wav")
+    assert node.fingerprint_inputs("thunder.wav") == before
+    sf.write(tmp_path / "input" / "thunder.wav", tone(200, 16000, 1.0), 16000)
+    assert node.fingerprint_inputs("thunder.wav") != before
+
+
+def test_load_audio_node_refuses_paths_outside_the_input_folder(load_audio_node, tmp_path):
+    secret = tmp_path / "secret.wav"
+    sf.write(secret, tone(100, 8000, 0.1), 8000)
+    (tmp_path / "input" / "link.wav").symlink_to(secret)
+    node = load_audio_node.LoadAudio
+
+    assert node.validate_inputs("thunder.wav") is True
+    assert node.validate_inputs("sub/rain.flac") is True
+    assert "outside" in node.validate_inputs("../secret.wav")
+    assert "outside" in node.validate_inputs("link.wav")
+    assert "inside the input folder" in node.validate_inputs(str(secret))
+    assert "upload it" in node.validate_inputs("missing.wav")
+    with pytest.raises(ValueError, match="outside"):
+        node.execute("../secret.wav")
+
+
+def test_load_audio_node_reports_unreadable_files(load_audio_node):
+    # The pack's own copy of AudioError (nodes import the core relatively): match its base class.
+    with pytest.raises(ValueError, match="notes.txt.*text file"):
+        load_audio_node.LoadAudio.execute("notes.txt")

@@ -193,7 +193,7 @@ def test_encoder_moves_like_a_module(encoder):
     """ModelPatcher moves the encoder with .to(); the mel front end must follow."""
     buffers = dict(encoder.named_buffers())
     assert "mel_filters" in buffers and "stft_window" in buffers
-    assert encoder.device == torch.device("cpu") and encoder.dtype == torch.float32
+    assert encoder.compute_device == torch.device("cpu") and encoder.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,3 +286,68 @@ def test_full_size_htsat_tiny_encodes_a_ten_second_clip():
     elapsed = time.perf_counter() - start
     assert emb.shape == (1, 512)
     print(f"CLAP HTSAT-tiny, one 10 s clip on CPU: {elapsed:.2f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# CLAP Loader / CLAP Encode nodes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clap_nodes(tmp_path, monkeypatch, saved_folder):
+    """The node module, with models/clap at ``tmp_path / "clap"`` holding a folder and loose files."""
+    import comfy_pack
+
+    nodes = comfy_pack.load("nodes.clap_nodes")
+    import folder_paths
+
+    clap_dir = tmp_path / "clap"
+    (clap_dir / "music").mkdir(parents=True)
+    (clap_dir / "tiny-clap").symlink_to(saved_folder, target_is_directory=True)
+    torch.save({"state_dict": {}}, clap_dir / "music" / "630k-audioset-best.pt")
+    (clap_dir / "readme.txt").write_text("not a model")
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths, "clap", ([str(clap_dir)], {".pt", ".safetensors"})
+    )
+    return nodes
+
+
+def test_clap_loader_lists_model_folders_and_files(clap_nodes):
+    # The folder is one entry; its model.safetensors is not listed on its own.
+    assert clap_nodes.list_clap_models() == ["music/630k-audioset-best.pt", "tiny-clap"]
+    schema = clap_nodes.ClapLoader.define_schema()
+    assert schema.inputs[0].options == ["music/630k-audioset-best.pt", "tiny-clap"]
+
+
+def test_clap_loader_and_encode_run_through_model_management(clap_nodes, encoder):
+    handle = clap_nodes.ClapLoader.execute("tiny-clap").args[0]
+    assert handle.patcher.model is handle.encoder and handle.name == "tiny-clap"
+
+    audio = {"waveform": noise(2, 2, 3 * 44100, seed=8), "sample_rate": 44100}  # core AUDIO, batch of 2
+    embeds = clap_nodes.ClapEncode.execute(handle, audio, "first").args[0]
+
+    assert embeds.shape == (2, 512) and embeds.device == torch.device("cpu")
+    assert torch.allclose(embeds, encoder.embed(audio["waveform"], 44100, "first"), atol=1e-5)
+    long_audio = {"waveform": noise(1, 1, 21 * 16000, seed=9), "sample_rate": 16000}
+    assert clap_nodes.ClapEncode.execute(handle, long_audio, "per_window").args[0].shape == (3, 512)
+
+
+def test_clap_encode_reports_bad_audio_clearly(clap_nodes):
+    handle = clap_nodes.ClapLoader.execute("tiny-clap").args[0]
+    with pytest.raises(ValueError, match="empty"):
+        clap_nodes.ClapEncode.execute(
+            handle, {"waveform": torch.zeros(1, 1, 0), "sample_rate": 48000}, "first"
+        )
+
+
+def test_clap_loader_refuses_names_outside_the_clap_folders(clap_nodes):
+    assert clap_nodes.ClapLoader.validate_inputs("tiny-clap") is True
+    assert "inside models/clap" in clap_nodes.ClapLoader.validate_inputs("../input/thunder.wav")
+    assert "inside models/clap" in clap_nodes.ClapLoader.validate_inputs("/etc/passwd")
+    assert "not found" in clap_nodes.ClapLoader.validate_inputs("missing.pt")
+
+
+def test_clap_node_schemas_have_tooltips(clap_nodes):
+    for node in (clap_nodes.ClapLoader, clap_nodes.ClapEncode):
+        schema = node.define_schema()
+        assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
