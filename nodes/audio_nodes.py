@@ -61,6 +61,7 @@ class LoadAudio(io.ComfyNode):
                     min=0.0,
                     max=3600.0,
                     step=1.0,
+                    optional=True,  # graphs saved without it load the whole file, as core LoadAudio does
                     tooltip="Read at most this many seconds from the start (0 = the whole file). CLAP Encode in "
                     "'first' mode uses only the first 10 s, so a limit keeps long files quick and small.",
                 ),

@@ -344,3 +344,34 @@ def test_load_audio_node_reports_unreadable_files(load_audio_node):
     # The pack's own copy of AudioError (nodes import the core relatively): match its base class.
     with pytest.raises(ValueError, match="notes.txt.*text file"):
         load_audio_node.LoadAudio.execute("notes.txt")
+
+
+# --------------------------------------------------------------------------------------------
+# In a real ComfyUI server (slow: uses the session's server)
+# --------------------------------------------------------------------------------------------
+
+
+def test_server_load_audio_feeds_core_save_audio_and_refuses_escapes(comfy, tmp_path):
+    from comfy_server import Graph, PromptRejected, uncached
+
+    sound = tmp_path / "c2d_tone.flac"
+    sf.write(sound, tone(440, 22050, 1.0, channels=2), 22050)
+    name = comfy.upload_file(sound)
+
+    g = Graph()
+    audio_node = g.node("C2D_LoadAudio", audio=name)
+    g.node("SaveAudio", audio=audio_node.out, filename_prefix="c2d_audio_test")
+    entry = comfy.wait(comfy.queue(uncached(g.prompt())))
+
+    assert comfy.files(entry, "audio", audio_node.id) == [
+        {"filename": name, "subfolder": "", "type": "input"}
+    ]
+    saved = [r for r in comfy.files(entry, "audio") if r["type"] == "output"]
+    out = tmp_path / "saved.flac"
+    out.write_bytes(comfy.view(saved[0]["filename"], saved[0]["subfolder"]))
+    data, sr = sf.read(out, always_2d=True)
+    assert sr == 22050 and data.shape[1] == 2 and abs(len(data) - 22050) < 100
+
+    g.set(audio_node, audio="../../etc/passwd")
+    with pytest.raises(PromptRejected, match="outside ComfyUI's input folder"):
+        comfy.queue(g.prompt())
