@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import comfy_pack
 import pytest
 import torch
 from transformers import ClapConfig, ClapModel, PreTrainedTokenizerFast
@@ -131,3 +132,64 @@ def test_the_disk_cache_knows_the_same_weights_after_a_reload(encoder, tmp_path)
     assert model_fingerprint(reloaded) != model_fingerprint(encoder)
     LabelEmbeddingCache(tmp_path).get(reloaded, VOCABULARY)
     assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The Audio to Prompt node, in-process (the real-server run is in test_prompt_server.py)
+
+
+@pytest.fixture
+def prompt_nodes(tmp_path, monkeypatch):
+    """The node module, with previews and the label cache in ``tmp_path`` and VOCABULARY as the
+    labels (the small CLAP's tokenizer knows only its words)."""
+    nodes = comfy_pack.load("nodes.prompt_nodes")
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(tmp_path / "temp"))
+
+    class SmallVocabularyCache(nodes.LabelEmbeddingCache):
+        def get(self, encoder, vocabulary=None, model_key=None):
+            return super().get(encoder, VOCABULARY, model_key)
+
+    monkeypatch.setattr(nodes, "_label_cache", SmallVocabularyCache(tmp_path / "labels"))
+    return nodes
+
+
+def run_node(nodes, encoder: ClapEncoder, waveform: torch.Tensor, **options):
+    handle = comfy_pack.load("nodes.clap_nodes").wrap_encoder(encoder, "known-clap")
+    settings = dict(window_mode="first", foreground_count=1, background_count=1, ambience_count=0,
+                    threshold=0.99, template="")
+    return nodes.AudioToPrompt.execute(handle, {"waveform": waveform, "sample_rate": RATE}, **settings | options)
+
+
+def test_the_node_gives_one_prompt_per_sound_with_the_template_filled(prompt_nodes, encoder, tmp_path):
+    out = run_node(prompt_nodes, encoder, sounds(), template="a harbour at night, {audio}")
+    prompt, foreground, background, ambience = out.args
+    assert prompt == ["a harbour at night, thunderstorm, lightning", "a harbour at night, rain, wet streets"]
+    assert foreground == ["thunderstorm, lightning", ""]
+    assert background == ["", "rain, wet streets"]
+    assert ambience == ["", ""]
+    # The score chart of each sound is previewed; the words are in the history too.
+    assert [image["type"] for image in out.ui["images"]] == ["temp", "temp"]
+    assert len(list((tmp_path / "temp").glob("*.png"))) == 2
+    assert out.ui["text"] == prompt
+
+
+def test_the_node_gives_one_prompt_per_window_of_a_long_sound(prompt_nodes, encoder):
+    storyboard = torch.cat([sounds()[0], sounds()[1]], dim=-1)[None]  # A then B: 20 s
+    prompt = run_node(prompt_nodes, encoder, storyboard, window_mode="per_window").args[0]
+    assert prompt == ["thunderstorm, lightning", "rain, wet streets"]
+
+
+def test_the_node_refuses_empty_audio_clearly(prompt_nodes, encoder):
+    with pytest.raises(ValueError, match="empty"):
+        run_node(prompt_nodes, encoder, torch.zeros(1, 1, 0))
+
+
+def test_every_node_input_and_output_explains_itself(prompt_nodes):
+    schema = prompt_nodes.AudioToPrompt.define_schema()
+    assert schema.node_id == "C2D_AudioToPrompt"
+    assert all(item.tooltip for item in [*schema.inputs, *schema.outputs])
+    # Lists, so core nodes downstream (CLIP Text Encode, KSampler, ...) run once per window.
+    assert all(output.is_output_list for output in schema.outputs)
+    assert [output.id for output in schema.outputs] == ["prompt", "foreground", "background", "ambience"]
