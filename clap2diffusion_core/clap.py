@@ -118,7 +118,7 @@ class ClapEncoder(nn.Module):
                 windows.float(),
                 n_fft=self.mel.n_fft,
                 hop_length=self.mel.hop_length,
-                window=self.stft_window.float(),
+                window=self.stft_window.to(windows.device, torch.float32),
                 center=True,
                 pad_mode="reflect",
                 return_complex=True,
@@ -126,7 +126,9 @@ class ClapEncoder(nn.Module):
             .abs()
             .pow(2)
         )  # [N, freq, frames]
-        mel = torch.matmul(spec.transpose(1, 2), self.mel_filters.float())  # [N, frames, mels]
+        mel = torch.matmul(
+            spec.transpose(1, 2), self.mel_filters.to(spec.device, torch.float32)
+        )  # [N, frames, mels]
         return 10.0 * torch.log10(mel.clamp(min=1e-10))
 
     @torch.no_grad()
