@@ -1,0 +1,162 @@
+"""``python -m clap2diffusion_core.training <command>``; ``--help`` on each command for its options.
+
+    audiocaps-manifest  AudioCaps CSV (+ downloaded audio and frames) -> manifest.jsonl
+    synthetic           write the generated smoke data set (audio, images, manifest)
+    prepare             fill the feature cache from a manifest (resumable; any number of processes)
+    train               run one or more stages from YAML configs (under `accelerate launch` for many GPUs)
+    eval                caption retrieval of a CLAP2Diffusion file on a cached split
+    smoke               everything above on generated data and the random test models; prints JSON
+
+Run under ``accelerate launch [--num_processes N] [--cpu] -m clap2diffusion_core.training ...`` for
+several processes; plain ``python -m`` is one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .manifest import SPLITS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m clap2diffusion_core.training",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("audiocaps-manifest", help="AudioCaps CSV -> manifest rows")
+    p.add_argument("--csv", required=True, help="AudioCaps train.csv / val.csv / test.csv")
+    p.add_argument("--audio-dir", required=True, help="folder of <youtube_id>.wav")
+    p.add_argument("--image-dir", required=True, help="folder of <youtube_id>.jpg (one video frame each)")
+    p.add_argument("--split", required=True, choices=SPLITS)
+    p.add_argument("--audio-ext", default=".wav")
+    p.add_argument("--image-ext", default=".jpg")
+    p.add_argument("--out", required=True, help="manifest.jsonl to write (or extend with --append)")
+    p.add_argument("--append", action="store_true", help="add to an existing manifest (one per split -> one file)")
+
+    p = sub.add_parser("synthetic", help="write the generated smoke data set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-kind", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=64)
+
+    p = sub.add_parser("prepare", help="fill the feature cache (skips what is done)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--cache", required=True, help="feature cache folder")
+    p.add_argument("--clap", required=True, help="CLAP model: transformers folder or laion-clap .pt")
+    p.add_argument("--sd15", required=True, help="single-file SD1.5 checkpoint (CLIP-L and VAE are read from it)")
+    p.add_argument("--tokenizer", help="CLIP-L tokenizer folder (default: ComfyUI's comfy/sd1_tokenizer)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--clap-mode", choices=("first", "mean"), default="first",
+                   help="first 10 s window, or the mean over all windows (AudioCaps clips are 10 s)")
+    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=1024)
+
+    p = sub.add_parser("train", help="train stages from YAML configs, in order")
+    p.add_argument("configs", nargs="+", help="stage1 / stage2 / stage3 (shipped) or YAML files")
+    p.add_argument("--cache", help="= data.cache")
+    p.add_argument("--sd15", help="= sd15 (stages 2 and 3)")
+    p.add_argument("--output-dir", help="= output_dir (the run folder)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", help="'latest' (this stage's newest checkpoint, if any) or a checkpoint folder")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("eval", help="caption retrieval of a CLAP2Diffusion file")
+    p.add_argument("--checkpoint", required=True, help="audio_projector_stage*.safetensors")
+    p.add_argument("--cache", required=True)
+    p.add_argument("--split", default="val", choices=SPLITS)
+
+    p = sub.add_parser("smoke", help="the smoke run; prints one JSON line last")
+    p.add_argument("--out", default="out/train-smoke")
+    p.add_argument("--sd15", help="default: the random tiny SD1.5 of tools/test_models.py")
+    p.add_argument("--clap", help="default: the random CLAP of tools/test_models.py")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process: the models are tiny, so more threads mostly add overhead")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    import torch
+    from accelerate import PartialState
+
+    from ..clap import load_clap
+    from .encoders import AudioEmbedder, load_latent_encoder, load_text_encoder
+    from .features import CacheSpec, prepare_features
+    from .manifest import read_manifest
+
+    state = PartialState()
+    half = torch.float16 if state.device.type == "cuda" else torch.float32
+    entries = read_manifest(args.manifest, args.splits)
+    audio = AudioEmbedder(load_clap(args.clap).to(state.device, half), mode=args.clap_mode)
+    text = load_text_encoder(args.sd15, args.tokenizer).to(state.device, half)
+    images = load_latent_encoder(args.sd15).to(state.device)  # fp32: the VAE encoder is cheap next to CLAP
+    spec = CacheSpec(CacheSpec.describe(args.clap), CacheSpec.describe(args.sd15), args.resolution, args.clap_mode)
+    report = prepare_features(entries, args.cache, spec, audio, text, images, batch_size=args.batch_size,
+                              shard_size=args.shard_size, rank=state.process_index, world_size=state.num_processes)
+    print(f"[process {state.process_index}] {report.summary()}")
+    state.wait_for_everyone()
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import train_stage
+
+    flags = {"data.cache": args.cache, "sd15": args.sd15, "output_dir": args.output_dir}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v] + args.overrides
+    for name in args.configs:
+        config = load_config(name, overrides)
+        train_stage(config, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint
+    from .features import FeatureDataset
+    from .metrics import caption_retrieval
+
+    result = caption_retrieval(load_checkpoint(args.checkpoint), FeatureDataset(args.cache, args.split))
+    print(json.dumps(result))
+    return 0
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    import torch
+
+    from .smoke import run_smoke
+
+    torch.set_num_threads(max(1, args.threads))
+    figures = run_smoke(args.out, args.sd15, args.clap, progress=not args.no_progress)
+    if figures is None:  # not the main process
+        return 0
+    sys.stdout.flush()
+    print(json.dumps(figures), flush=True)
+    return 0 if figures["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per saved file otherwise
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "audiocaps-manifest":
+        from .manifest import audiocaps_manifest, read_manifest, write_manifest
+
+        entries = read_manifest(args.out) if args.append and Path(args.out).is_file() else []
+        entries += audiocaps_manifest(args.csv, args.audio_dir, args.image_dir, args.split,
+                                      args.audio_ext, args.image_ext)
+        print(f"{write_manifest(entries, args.out)}: {len(entries)} rows")
+        return 0
+    if args.command == "synthetic":
+        from .synthetic import make_synthetic_dataset
+
+        print(make_synthetic_dataset(args.out, args.per_kind, image_size=args.image_size))
+        return 0
+    return {"prepare": _prepare, "train": _train, "eval": _eval, "smoke": _smoke}[args.command](args)

@@ -1,0 +1,190 @@
+"""Stage configs: YAML files (``configs/stage{1,2,3}.yaml``) read into typed dataclasses.
+
+A config is a YAML file, or the name of a shipped one, plus ``key.sub=value`` overrides (values
+parsed as YAML): ``load_config("stage1", ["optim.lr=3e-4", "data.batch_size=32"])``. Unknown keys
+are errors that list the known ones, so a typo cannot silently train with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .schedules import TemperatureSchedule
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    #: Feature cache made by ``prepare``.
+    cache: str = "data/cache"
+    split: str = "train"
+    #: Per process and micro-batch; the effective batch is ``batch_size x processes x accumulation``.
+    batch_size: int = 8
+    num_workers: int = 2
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    #: A diffusers.optimization schedule name.
+    schedule: str = "cosine"
+    warmup_steps: int = 200
+    #: 0 disables clipping.
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Loss weights (0 switches a term off) and the classifier-free dropout of stage 2/3."""
+
+    infonce: float = 1.0
+    infonce_temperature: float = 0.07
+    mse: float = 0.5
+    epsilon: float = 0.0
+    orthogonality: float = 0.0
+    entropy: float = 0.0
+    prior: float = 0.0
+    #: Rows whose audio is replaced by the silence tokens (what unconditional rows see in ComfyUI).
+    audio_dropout: float = 0.0
+    #: Rows whose caption is replaced by the empty caption (audio alone must shape the image).
+    text_dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    base_family: str = "sd15"
+    #: Overrides of DecomposerConfig / ProjectorConfig for a model trained from scratch (stage 1).
+    decomposer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    projector: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Which parts the optimizer updates (the rest stays frozen).
+    train: tuple[str, ...] = ("decomposer", "projector")
+    #: A new adapter's audio keys/values: copies of each layer's text to_k/to_v, or random.
+    adapter_init: Literal["text_kv", "random"] = "text_kv"
+
+
+@dataclasses.dataclass
+class StageConfig:
+    stage: int = 1
+    steps: int = 3000
+    seed: int = 42
+    #: The run folder; stage ``n`` writes ``<output_dir>/stage<n>/``.
+    output_dir: str = "runs/clap2diffusion"
+    #: The file to start from; default for stage n > 1: the stage n-1 file of this run.
+    init_from: str | None = None
+    #: Single-file SD1.5 checkpoint (``models/checkpoints/*.safetensors``); stages 2 and 3.
+    sd15: str | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    #: Loss on a fixed batch (same examples, noise and timesteps) every this many steps.
+    eval_every: int = 100
+    eval_batch_size: int = 8
+    #: Stop after this step (a job time limit); resume later with ``--resume latest``.
+    stop_at: int | None = None
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    temperature: TemperatureSchedule = dataclasses.field(default_factory=TemperatureSchedule)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    model: ModelOptions = dataclasses.field(default_factory=ModelOptions)
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+        if self.stage > 1 and not self.sd15:
+            raise ValueError(f"stage {self.stage} trains through the SD1.5 UNet: set sd15 to a single-file checkpoint")
+        known = {"decomposer", "projector", "adapter"}
+        if not set(self.model.train) <= known or (self.stage == 1 and "adapter" in self.model.train):
+            raise ValueError(f"model.train {self.model.train}: choose from {sorted(known)} (no adapter in stage 1)")
+
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.output_dir) / f"stage{self.stage}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where or 'config'}: unknown keys {unknown}; known: {sorted(names)}")
+    values = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _from_dict(hint, value, f"{where}{key}.")
+        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
+            values[key] = tuple(value)
+        elif hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            # YAML 1.1 reads "3e-4" (no dot) as a string.
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{where}{key}: expected a number, got {value!r}") from None
+        else:
+            values[key] = value
+    return cls(**values)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+    tree[leaf] = value
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """A YAML path, or the name of a shipped config (``stage1``, ``smoke``, ...)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"no config {str(name)!r}: give a .yaml file or one of {names}")
+
+
+def load_config(
+    name: str | os.PathLike, overrides: Sequence[str] = (), extra: dict[str, Any] | None = None
+) -> StageConfig:
+    """Read a stage config, apply ``extra`` (a nested dict) then the ``key=value`` overrides."""
+    tree = yaml.safe_load(resolve_config_path(name).read_text()) or {}
+    for key, value in _flatten(extra or {}):
+        _set(tree, key, value)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key=value")
+        _set(tree, key.strip(), yaml.safe_load(text))
+    return _from_dict(StageConfig, tree, "")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items

@@ -1,0 +1,300 @@
+"""The accelerate training loop shared by the three stages.
+
+One process or many (``accelerate launch``: several GPUs, several machines, or ``--cpu``), fp32 /
+bf16 / fp16, gradient accumulation; tqdm progress, TensorBoard scalars, periodic checkpoints and
+exact resume.
+
+Exact resume: a checkpoint (``<stage dir>/checkpoints/step-<n>/``) is accelerate's ``save_state``
+(model, optimizer, grad scaler, RNG states, accumulation counter) plus the LR scheduler and the
+step. Nothing else is stateful: the data order is a pure function of (seed, position) and the
+position is ``step x accumulation``; each micro-batch's noise, timesteps and dropout come from a
+generator seeded with (seed, step, micro-batch, process); the temperature and LR are functions of
+the step. So a run resumed from step k makes the same updates as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import STAGE_FILE_NAMES, save_checkpoint
+from ..levels import LEVELS
+from .config import StageConfig
+from .features import FeatureCache, FeatureDataset
+from .schedules import build_lr_scheduler
+from .stages import StageModule, build_model, final_model, load_frozen_unet
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainResult:
+    """What a stage produced: the loader file (on the main process) and the fixed-batch losses."""
+
+    stage: int
+    file: Path
+    steps: int
+    #: ``(step, {"loss": total, <term>: unweighted value})`` on the fixed batch.
+    fixed_losses: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Progress:
+    """The optimizer step, saved with every checkpoint (accelerate ``register_for_checkpointing``)."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+class StreamBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """An endless stream of batches: epoch ``e`` is a permutation of the data seeded by
+    ``(seed, e)``; global batch ``g`` is positions ``[g * B * P, (g + 1) * B * P)`` of the stream and
+    process ``p`` takes its ``p``-th slice of ``B``. Starting at global batch ``start`` is O(1), which is
+    how a resumed run picks up exactly where the interrupted one was."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world, self.start = rank, world, start
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        position = (self.start * self.world + self.rank) * self.batch_size
+        epoch, order = -1, None
+        while True:
+            batch = []
+            for p in range(position, position + self.batch_size):
+                if p // self.size != epoch:
+                    epoch = p // self.size
+                    order = self._order(epoch)
+                batch.append(int(order[p % self.size]))
+            yield batch
+            position += self.world * self.batch_size
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The generator of one micro-batch's randomness (independent of anything run before)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 257 + rank)
+
+
+def find_checkpoint(stage_dir: str | os.PathLike, which: str) -> Path | None:
+    """``latest`` -> the newest ``step-*`` folder of a stage (None if there is none), else the path."""
+    if which != "latest":
+        path = Path(which)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no checkpoint folder {path}")
+        return path
+    root = Path(stage_dir) / "checkpoints"
+    steps = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP_DIR.match(p.name)))
+    return steps[-1][1] if steps else None
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            return False
+    return True
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _scalars(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    out = {}
+    for key, value in values.items():
+        if key in ("level_usage", "level_weights"):
+            out.update({f"{key}/{name}": float(v) for name, v in zip(LEVELS, value)})
+        elif key == "gates":
+            out["gates/abs_mean"] = float(value.abs().mean())
+            out.update({f"gates/layer_{i:02d}": float(v) for i, v in enumerate(value)})
+        else:
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def train_stage(config: StageConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
+    """Train one stage as configured; write its checkpoints and its loader file.
+
+    ``resume``: ``"latest"`` (the newest checkpoint of this stage, or a fresh start if there is
+    none) or a checkpoint folder. Call in every process of an ``accelerate launch``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    start_time = time.perf_counter()
+    out = config.stage_dir
+    if config.stage > 1 and not config.init_from:
+        previous = Path(config.output_dir) / f"stage{config.stage - 1}" / f"{STAGE_FILE_NAMES[config.stage - 1]}.safetensors"
+        config = dataclasses.replace(config, init_from=str(previous))
+    use_tb = _tensorboard_available()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with="tensorboard" if use_tb else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    if not use_tb:
+        log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    accum = config.optim.gradient_accumulation_steps
+    set_seed(config.seed)  # the same initial weights in every process
+
+    # ---- data and models
+    fields = ["clap", "text_pooled"] + (["text", "latents"] if config.loss.epsilon else [])
+    dataset = FeatureDataset(config.data.cache, config.data.split, fields)
+    frozen = None
+    if config.stage > 1:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+        frozen = load_frozen_unet(config.sd15, device, dtype, config.gradient_checkpointing)
+    model = build_model(config, frozen)
+    if frozen is not None:
+        from ..diffusers_processor import attach_audio_adapter
+
+        frozen.hook = attach_audio_adapter(frozen.unet, model.adapter)
+    empty = FeatureCache(config.data.cache).empty_caption() if config.loss.text_dropout else None
+    module = StageModule(model, config, frozen, empty).to(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas,
+                                  eps=config.optim.eps, weight_decay=config.optim.weight_decay)
+    lr_scheduler = build_lr_scheduler(optimizer, config.optim.schedule, config.optim.warmup_steps, config.steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    # Not prepared: accelerate would step it once per process; ours counts optimizer steps.
+    state = Progress()
+    accelerator.register_for_checkpointing(lr_scheduler, state)
+
+    checkpoint = find_checkpoint(out, resume) if resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"stage {config.stage}: resumed from {checkpoint} at step {state.step}")
+    stop = min(config.steps, config.stop_at or config.steps)
+
+    sampler = StreamBatchSampler(len(dataset), config.data.batch_size, config.seed, rank, world,
+                                 start=state.step * accum)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
+                                         pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    unwrapped: StageModule = accelerator.unwrap_model(module)
+
+    # The same examples, noise and timesteps every time: a loss curve free of sampling noise.
+    fixed = [dataset[i] for i in range(min(config.eval_batch_size, len(dataset)))]
+    fixed = {k: torch.stack([torch.as_tensor(item[k]) for item in fixed]) for k in fixed[0]}
+    fixed.update(unwrapped.draw(fixed, torch.Generator().manual_seed(config.seed)))
+    fixed = _to_device({k: torch.zeros_like(v) if k.startswith("drop_") else v for k, v in fixed.items()}, device)
+
+    @torch.no_grad()
+    def evaluate(step: int) -> None:
+        unwrapped.eval()
+        with accelerator.autocast():
+            loss, terms, _ = unwrapped(fixed, config.temperature(step))
+        unwrapped.train()
+        values = {"loss": float(loss)} | {k: float(v) for k, v in terms.items()}
+        result.fixed_losses.append((step, values))
+        accelerator.log({f"eval/fixed_batch_{k}": v for k, v in values.items()}, step=step)
+
+    if use_tb:
+        hparams = {k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(f"stage{config.stage}", config=hparams)
+    result = TrainResult(config.stage, out / f"{STAGE_FILE_NAMES[config.stage]}.safetensors", config.steps)
+    if state.step == 0:
+        evaluate(0)
+
+    bar = tqdm(total=config.steps, initial=state.step, desc=f"stage {config.stage}", unit="step",
+               disable=not (progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    while state.step < stop:
+        temperature = config.temperature(state.step)
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = next(batches)
+            batch.update(unwrapped.draw(batch, step_generator(config.seed, state.step, micro, rank)))
+            batch = _to_device(batch, device)
+            with accelerator.accumulate(module):
+                loss, terms, stats = module(batch, temperature)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.optim.max_grad_norm > 0:
+                    sums["grad_norm"] = accelerator.clip_grad_norm_(params, config.optim.max_grad_norm).detach()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in {"loss": loss, **terms}.items():
+                sums[key] = sums.get(key, 0.0) + value.detach() / accum
+        if not accelerator.sync_gradients:
+            raise RuntimeError("gradient accumulation out of step with the optimizer step")
+        lr_scheduler.step()
+        state.step += 1
+        bar.update(1)
+
+        if state.step % config.log_every == 0 or state.step == stop:
+            reduced = {k: accelerator.reduce(v.float(), "mean") for k, v in sums.items() if k != "grad_norm"}
+            logs = _scalars("train/", reduced) | _scalars("", stats)
+            logs.update({"train/temperature": temperature, "train/lr": lr_scheduler.get_last_lr()[0]})
+            if "grad_norm" in sums:
+                logs["train/grad_norm"] = float(sums["grad_norm"])
+            accelerator.log(logs, step=state.step)
+            bar.set_postfix(loss=f"{logs['train/loss']:.4f}", T=f"{temperature:.2f}")
+        if state.step % config.eval_every == 0 or state.step == config.steps:
+            evaluate(state.step)
+        if state.step % config.checkpoint_every == 0 or state.step == stop:
+            _save(accelerator, config, unwrapped, state.step)
+    bar.close()
+
+    if state.step >= config.steps and accelerator.is_main_process:
+        save_checkpoint(final_model(unwrapped.model, config.temperature(config.steps)), result.file)
+        accelerator.print(f"stage {config.stage}: wrote {result.file}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if frozen is not None and frozen.hook is not None:
+        frozen.hook.detach()
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+def _save(accelerator, config: StageConfig, unwrapped: StageModule, step: int) -> None:  # noqa: ANN001
+    """A resumable checkpoint, with the loader file as of this step beside it; keep the newest few."""
+    folder = config.stage_dir / "checkpoints" / f"step-{step:06d}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        model = final_model(unwrapped.model, config.temperature(step))
+        save_checkpoint(model, folder / f"{STAGE_FILE_NAMES[config.stage]}.safetensors")
+        (folder / "trainer_state.json").write_text(json.dumps({"stage": config.stage, "step": step,
+                                                                "config": config.to_dict()}, indent=2))
+        steps = sorted((int(m.group(1)), p) for p in folder.parent.glob("step-*") if (m := _STEP_DIR.match(p.name)))
+        for _, old in steps[:-config.keep_checkpoints] if config.keep_checkpoints > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+__all__ = ["Progress", "StreamBatchSampler", "TrainResult", "find_checkpoint", "step_generator", "train_stage"]
