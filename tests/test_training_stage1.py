@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from training_support import stage1_overrides, write_fake_cache
+from training_support import one_thread, stage1_overrides, write_fake_cache  # noqa: F401
 
 from clap2diffusion_core.checkpoint import STAGE_FILE_NAMES, load_checkpoint, read_metadata
 from clap2diffusion_core.training.config import load_config
 from clap2diffusion_core.training.features import FeatureDataset
 from clap2diffusion_core.training.metrics import caption_retrieval
 from clap2diffusion_core.training.trainer import StreamBatchSampler, find_checkpoint, train_stage
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: on a shared 2-core machine more threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from clap2diffusion_core.training.features import EMPTY_CAPTION, CacheSpec, FeatureCache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Training tests use tiny models: on a shared 2-core machine more threads only add contention
+    (10x slower steps under load). Import into a test module to apply it there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 SPEC = CacheSpec(clap="fake-clap", sd15="fake-sd15", resolution=64, clap_mode="first")
 

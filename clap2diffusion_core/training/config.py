@@ -133,6 +133,12 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
             values[key] = _from_dict(hint, value, f"{where}{key}.")
         elif isinstance(value, list) and typing.get_origin(hint) is tuple:
             values[key] = tuple(value)
+        elif typing.get_origin(hint) is Literal:
+            if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/yes as a bool
+                value = "yes" if value else "no"
+            if value not in typing.get_args(hint):
+                raise ValueError(f"{where}{key}: {value!r} is not one of {typing.get_args(hint)}")
+            values[key] = value
         elif hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
             # YAML 1.1 reads "3e-4" (no dot) as a string.
             try:
