@@ -478,6 +478,30 @@ def build_clap2diffusion(target: Path, seed: int = 0) -> bool:
     return True
 
 
+def _core_fingerprint() -> str:
+    """Hash of the core package's top-level sources: the file format lives there, not here."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "clap2diffusion_core").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cached_clap2diffusion(target: Path, seed: int, force: bool) -> Path | None:
+    """Rebuilt whenever the core's code changes (the core team evolves the format)."""
+    stamp = target.with_name(target.name + ".core-fingerprint")
+    fingerprint = _core_fingerprint()
+    if force or not target.exists() or not stamp.exists() or stamp.read_text() != fingerprint:
+        target.unlink(missing_ok=True)
+        start = time.perf_counter()
+        if not build_clap2diffusion(target, seed):
+            return None
+        stamp.write_text(fingerprint)
+        log.info("built %s in %.1fs", target.name, time.perf_counter() - start)
+    return target
+
+
 # --------------------------------------------------------------------------------------------
 # entry points
 
@@ -492,10 +516,7 @@ def build_all(root: Path | str | None = None, *, force: bool = False, seed: int 
         clap = _cached(root / CLAP_FOLDER, lambda p: build_clap_folder(p, seed), force)
         sounds = {name: _cached(root / SOUNDS_DIR / name, lambda p: build_sound(p, seed), force)
                   for name in SOUND_SPECS}
-        c2d_path = root / CLAP2DIFFUSION
-        if force and c2d_path.exists():
-            c2d_path.unlink()
-        c2d = c2d_path if c2d_path.exists() or build_clap2diffusion(c2d_path, seed) else None
+        c2d = _cached_clap2diffusion(root / CLAP2DIFFUSION, seed, force)
     return TestModels(root=root, sd15_checkpoint=ckpt, controlnet=cnet, lora=lora,
                       clap_folder=clap, sounds=sounds, clap2diffusion=c2d)
 
