@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
-from comfy_server import ComfyClient, Graph, uncached
+import pytest
+from comfy_server import ComfyClient, ComfyServer, ExecutionFailed, Graph, PromptRejected, uncached
 from PIL import Image
 
 from tools import test_models as tm
@@ -53,3 +55,44 @@ def test_text_to_image_is_deterministic(comfy: ComfyClient) -> None:
 
     other = comfy.run(text_to_image(seed=43).prompt(), timeout=240)
     assert not np.array_equal(pixels(other[0]), image)
+
+
+def test_invalid_graphs_are_rejected_with_node_errors(comfy: ComfyClient) -> None:
+    g = Graph()
+    g.node("PreviewImage", images=g.node("LoadImage", image="no-such-image.png").out)
+    with pytest.raises(PromptRejected) as err:
+        comfy.queue(g.prompt())
+    assert "1" in err.value.node_errors and "no-such-image.png" in str(err.value)
+
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=Path(tm.SD15_CHECKPOINT).name)
+    g.node("SaveImage", images=ckpt[2], filename_prefix="x")  # a VAE where an IMAGE goes
+    with pytest.raises(PromptRejected) as err:
+        comfy.queue(g.prompt())
+    assert err.value.node_errors["2"]["class_type"] == "SaveImage" and "VAE" in str(err.value)
+
+
+def test_node_failure_names_the_node_and_the_exception(comfy_server: ComfyServer) -> None:
+    (comfy_server.input_dir / "broken.png").write_bytes(b"not a png")
+    g = Graph()
+    image = g.node("LoadImage", image="broken.png")
+    g.node("PreviewImage", images=image.out)
+    with pytest.raises(ExecutionFailed) as err:
+        comfy_server.client.run(uncached(g.prompt()), timeout=60)
+    assert (err.value.node_id, err.value.node_type) == ("1", "LoadImage")
+    assert err.value.exception_type and "broken.png" in err.value.traceback + err.value.exception_message
+
+
+def test_interrupt_stops_a_running_prompt(comfy: ComfyClient) -> None:
+    g = text_to_image(seed=7)
+    sampler = next(i for i, n in g.nodes.items() if n["class_type"] == "KSampler")
+    g.set(sampler, steps=200)  # long enough to be running when interrupted
+    prompt_id = comfy.queue(uncached(g.prompt()))
+    deadline = time.monotonic() + 60
+    while not comfy.session.get(comfy.url + "/queue", timeout=10).json()["queue_running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    comfy.interrupt(prompt_id)
+    with pytest.raises(ExecutionFailed) as err:
+        comfy.wait(prompt_id, timeout=120)
+    assert err.value.interrupted
