@@ -276,6 +276,10 @@ class ComfyClient:
         response.raise_for_status()
         return response.json()["prompt_id"]
 
+    def running(self) -> list[str]:
+        """Ids of the prompts executing now (``/queue``'s ``queue_running``)."""
+        return [item[1] for item in self._get("/queue").json().get("queue_running", [])]
+
     def history(self, prompt_id: str) -> dict[str, Any] | None:
         """The history entry once the prompt finished (success or error), else None."""
         return self._get(f"/history/{prompt_id}").json().get(prompt_id)

@@ -89,7 +89,7 @@ def test_interrupt_stops_a_running_prompt(comfy: ComfyClient) -> None:
     g.set(sampler, steps=200)  # long enough to be running when interrupted
     prompt_id = comfy.queue(uncached(g.prompt()))
     deadline = time.monotonic() + 60
-    while not comfy.session.get(comfy.url + "/queue", timeout=10).json()["queue_running"]:
+    while prompt_id not in comfy.running():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     comfy.interrupt(prompt_id)
