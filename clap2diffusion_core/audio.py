@@ -11,6 +11,7 @@ import os
 from fractions import Fraction
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -79,8 +80,6 @@ def _load_with_pyav(path: str, max_seconds: float | None) -> tuple[torch.Tensor,
             kinds = sorted({s.type for s in container.streams}) or ["no streams"]
             raise _NoAudioStream(f"has no audio track (found: {', '.join(kinds)})")
         stream = container.streams.audio[0]
-        # Convert every frame to float32 planar [C, n]: one code path for s16, s32, u8, flt, dbl...
-        resampler = av.AudioResampler(format="fltp")
         chunks: list[torch.Tensor] = []
         sample_rate = stream.codec_context.sample_rate or 0
         limit = None
@@ -89,20 +88,38 @@ def _load_with_pyav(path: str, max_seconds: float | None) -> tuple[torch.Tensor,
             sample_rate = sample_rate or frame.sample_rate
             if limit is None and max_seconds is not None:
                 limit = math.ceil(max_seconds * sample_rate)
-            for out in resampler.resample(frame):
-                chunks.append(torch.from_numpy(out.to_ndarray()))
-                total += chunks[-1].shape[-1]
+            chunks.append(_frame_to_float(frame))
+            total += chunks[-1].shape[-1]
             if limit is not None and total >= limit:
                 break
-        else:
-            for out in resampler.resample(None):  # flush
-                chunks.append(torch.from_numpy(out.to_ndarray()))
     if not chunks:
         return torch.zeros(stream.codec_context.channels or 1, 0), sample_rate or 1
     waveform = torch.cat(chunks, dim=-1).float()
     if limit is not None:
         waveform = waveform[:, :limit]
     return waveform.contiguous(), int(sample_rate)
+
+
+# Sample formats FFmpeg decodes to (planar or packed) -> (offset, scale) to float in [-1, 1].
+_PCM_SCALE = {"u8": (128.0, 128.0), "s16": (0.0, 2.0**15), "s32": (0.0, 2.0**31), "s64": (0.0, 2.0**63),
+              "flt": (0.0, 1.0), "dbl": (0.0, 1.0)}  # fmt: skip
+
+
+def _frame_to_float(frame) -> torch.Tensor:
+    """One decoded frame -> float32 ``[C, n]``, converted here rather than by PyAV's AudioResampler:
+    the resampler crashes the process (segfault) on layouts without a channel order, such as an
+    8-channel WAV that has no channel mask."""
+    name = frame.format.name.removesuffix("p")
+    if name not in _PCM_SCALE:
+        raise ValueError(f"unsupported sample format {frame.format.name!r}")
+    channels = len(frame.layout.channels) or 1
+    data = frame.to_ndarray()  # planar: [C, n]; packed: [1, n * C], interleaved
+    if not frame.format.is_planar:
+        data = data.reshape(-1, channels).T
+    offset, scale = _PCM_SCALE[name]
+    if offset == 0.0 and scale == 1.0:
+        return torch.from_numpy(data.astype(np.float32, copy=True))
+    return torch.from_numpy(((data.astype(np.float64) - offset) / scale).astype(np.float32))
 
 
 def _load_with_soundfile(path: str, max_seconds: float | None) -> tuple[torch.Tensor, int]:
