@@ -23,6 +23,11 @@ WINDOW_SAMPLES = int(CLAP_SAMPLE_RATE * WINDOW_SECONDS)  # 480000
 MIN_TAIL_SECONDS = 1.0
 # Peak amplitude under which a clip counts as silent (about -100 dBFS).
 SILENCE_PEAK = 1e-5
+# Shorter than this is no sound at all (one sample repeated is a constant): refused, not padded.
+MIN_SECONDS = 0.01
+# Lowest sample rate accepted: telephone audio is 8 kHz; 1 Hz is a broken header, and resampling
+# it to 48 kHz would multiply the samples (and the memory) by 48000.
+MIN_SAMPLE_RATE = 1_000
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -138,6 +143,11 @@ _MAGIC = (
     (b"%PDF", "a PDF document"),
     (b"PK\x03\x04", "a ZIP archive"),
     (b"\x80\x02", "a Python pickle"),
+    (b"RIFF", "a WAV file"),
+    (b"FORM", "an AIFF file"),
+    (b"fLaC", "a FLAC file"),
+    (b"OggS", "an Ogg file"),
+    (b"ID3", "an MP3 file"),
     (b"{", "a JSON/text file"),
     (b"<", "an HTML/XML file"),
 )
@@ -148,6 +158,8 @@ def _sniff(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
     looks = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+    if looks is None and head[4:8] == b"ftyp":
+        looks = "an MP4/MOV file"
     if looks is None and head and all(32 <= b < 127 or b in b"\r\n\t" for b in head):
         looks = "a text file"
     return f"it looks like {looks}" if looks else f"it starts with bytes {head[:8].hex(' ')}"
@@ -182,16 +194,40 @@ def validate_waveform(waveform: torch.Tensor, sample_rate: int) -> list[str]:
         raise AudioError(f"The audio is empty (shape {list(waveform.shape)}): load a file with sound in it.")
     if not waveform.is_floating_point():
         raise AudioError(f"Expected float samples in [-1, 1], got {waveform.dtype}.")
-    finite = torch.isfinite(waveform)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise AudioError(f"The audio holds {bad} NaN/Inf samples: the file or an upstream node is broken.")
+    # Reductions, not elementwise copies: a long file must not double its memory to be checked.
+    hi, lo = waveform.flatten(-2).amax(-1), waveform.flatten(-2).amin(-1)  # [B] or scalar; NaN propagates
+    if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
+        bad = int((~torch.isfinite(waveform)).sum())
+        raise AudioError(
+            f"The audio holds {bad} NaN/Inf samples: the file is damaged or an upstream node is broken. "
+            "Re-export the file, or check the node that made this audio."
+        )
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise AudioError(
+            f"Sample rate {sample_rate} Hz is not an audio rate (expected at least {MIN_SAMPLE_RATE} Hz; "
+            "files use 8000 to 192000 Hz): the file's header is probably damaged. Re-export the file."
+        )
+    samples = waveform.shape[-1]
+    seconds = samples / sample_rate
+    if seconds < MIN_SECONDS:
+        raise AudioError(
+            f"The audio is only {samples} sample{'s' if samples != 1 else ''} long ({seconds * 1000:.2f} ms at "
+            f"{sample_rate} Hz): too short to hold a sound. Use a clip of at least {MIN_SECONDS * 1000:.0f} ms "
+            "(CLAP listens to 10 s; shorter clips are repeated to fill it)."
+        )
 
     warnings: list[str] = []
-    peak = waveform.abs().flatten(-2).amax(-1)  # [B] or scalar
+    peak = torch.maximum(hi.abs(), lo.abs())
     if bool((peak < SILENCE_PEAK).any()):
         warnings.append("The audio is silent (peak below -100 dBFS): its CLAP embedding says little.")
-    seconds = waveform.shape[-1] / sample_rate
+    elif waveform.shape[-2] > 1:
+        mono = waveform.mean(dim=-2)  # [B, T] or [T]
+        mono_peak = torch.maximum(mono.amax(-1).abs(), mono.amin(-1).abs())
+        if bool((mono_peak < (1e-3 * peak).clamp(min=SILENCE_PEAK)).any()):  # 60 dB quieter than the channels
+            warnings.append(
+                "The channels cancel out when mixed to mono (one is the other inverted), so CLAP hears "
+                "silence. Use one channel, or fix the polarity of the other."
+            )
     if seconds < 0.5:
         warnings.append(f"The audio is only {seconds:.2f} s long; it is repeated to fill a 10 s window.")
     return warnings
