@@ -84,14 +84,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _prepare(args: argparse.Namespace) -> int:
     import torch
-    from accelerate import PartialState
 
     from ..clap import load_clap
     from .encoders import AudioEmbedder, load_latent_encoder, load_text_encoder
     from .features import CacheSpec, prepare_features
     from .manifest import read_manifest
+    from .trainer import process_state
 
-    state = PartialState()
+    state = process_state()
     half = torch.float16 if state.device.type == "cuda" else torch.float32
     entries = read_manifest(args.manifest, args.splits)
     audio = AudioEmbedder(load_clap(args.clap).to(state.device, half), mode=args.clap_mode)
@@ -141,7 +141,39 @@ def _smoke(args: argparse.Namespace) -> int:
     return 0 if figures["ok"] else 1
 
 
+def _respawn_cpu_processes(argv: list[str]) -> None:
+    """Make ``accelerate launch --cpu --num_processes N -m clap2diffusion_core.training ...`` run N
+    processes without MPI: accelerate starts one process and leaves the others to ``mpirun``
+    (:func:`.trainer.lonely_cpu_launch`), so that process replaces itself with
+    ``torch.distributed.run --nproc_per_node N`` (gloo on the CPU). N is read from the ``accelerate
+    launch`` command line that started it."""
+    import psutil
+
+    from .trainer import lonely_cpu_launch
+
+    if not lonely_cpu_launch():
+        return
+    parent = psutil.Process(os.getppid()).cmdline()
+    requested = None
+    for i, arg in enumerate(parent):
+        name, _, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            requested = value or (parent[i + 1] if i + 1 < len(parent) else None)
+    if not requested or not requested.isdigit() or int(requested) < 2:
+        return  # not recognisable: process_state() explains what to run instead
+    logging.getLogger(__name__).warning(
+        "accelerate launch --cpu started 1 of %s processes (it leaves the rest to mpirun); "
+        "starting %s CPU processes with torch.distributed.run", requested, requested)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={requested}",
+               "-m", "clap2diffusion_core.training", *argv]
+    sys.stdout.flush()
+    os.execvpe(sys.executable, command, env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _respawn_cpu_processes(argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per saved file otherwise
@@ -159,4 +191,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(make_synthetic_dataset(args.out, args.per_kind, image_size=args.image_size))
         return 0
-    return {"prepare": _prepare, "train": _train, "eval": _eval, "smoke": _smoke}[args.command](args)
+    try:
+        return {"prepare": _prepare, "train": _train, "eval": _eval, "smoke": _smoke}[args.command](args)
+    finally:
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -70,9 +70,9 @@ def run_smoke(
     Returns the figures on the main process (None elsewhere). ``overrides``: per-stage config
     overrides merged over ``configs/smoke.yaml`` (keys ``common``, ``stage1``...).
     """
-    from accelerate import PartialState
+    from .trainer import process_state
 
-    state = PartialState()
+    state = process_state()
     start = time.perf_counter()
     out = Path(out_dir)
     data, cache, run = out / "data", out / "cache", out / "run"

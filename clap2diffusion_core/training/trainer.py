@@ -96,6 +96,49 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 257 + rank)
 
 
+def use_cpu() -> bool:
+    """Whether the processes train on the CPU: ``accelerate launch --cpu``, or several processes
+    (torchrun, ``accelerate launch --multi_gpu``) on a machine without GPUs, where accelerate would
+    otherwise fall back to independent single processes."""
+    from accelerate.utils import parse_flag_from_env
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or (world > 1 and not torch.cuda.is_available())
+
+
+def lonely_cpu_launch() -> bool:
+    """True in the one process ``accelerate launch --cpu --num_processes N`` (N > 1) starts.
+
+    Without ``--mpirun_hostfile`` accelerate starts a single process and leaves the other N - 1 to
+    ``mpirun``; it sets ``MASTER_ADDR`` (only when N > 1) but no world size.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    world_vars = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    return (parse_flag_from_env("ACCELERATE_USE_CPU") and "MASTER_ADDR" in os.environ
+            and not any(v in os.environ for v in world_vars))
+
+
+def check_launch() -> None:
+    """Refuse to train in one process when several were asked for (see :func:`lonely_cpu_launch`)."""
+    if lonely_cpu_launch():
+        raise RuntimeError(
+            "accelerate launch --cpu --num_processes N starts one process and expects mpirun to start the "
+            "others (--mpirun_hostfile). For N processes on CPUs without MPI use\n"
+            "  accelerate launch --multi_gpu --num_processes N -m clap2diffusion_core.training ...\n"
+            "(with no GPU present the processes run on the CPU, gloo backend), or\n"
+            "  torchrun --nproc_per_node N -m clap2diffusion_core.training ..."
+        )
+
+
+def process_state():
+    """accelerate's ``PartialState`` for this launch (see :func:`use_cpu`, :func:`check_launch`)."""
+    from accelerate import PartialState
+
+    check_launch()
+    return PartialState(cpu=use_cpu())
+
+
 def find_checkpoint(stage_dir: str | os.PathLike, which: str) -> Path | None:
     """``latest`` -> the newest ``step-*`` folder of a stage (None if there is none), else the path."""
     if which != "latest":
@@ -152,7 +195,9 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
         previous = Path(config.output_dir) / f"stage{config.stage - 1}" / f"{STAGE_FILE_NAMES[config.stage - 1]}.safetensors"
         config = dataclasses.replace(config, init_from=str(previous))
     use_tb = _tensorboard_available()
+    process_state()  # the launch's processes, before accelerate decides on its own
     accelerator = Accelerator(
+        cpu=use_cpu(),
         gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with="tensorboard" if use_tb else None,
@@ -265,7 +310,9 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
         save_checkpoint(final_model(unwrapped.model, config.temperature(config.steps)), result.file)
         accelerator.print(f"stage {config.stage}: wrote {result.file}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # Not end_training(): it also destroys the process group, which the next stage still needs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if frozen is not None and frozen.hook is not None:
         frozen.hook.detach()
     result.seconds = time.perf_counter() - start_time
