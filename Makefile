@@ -14,7 +14,7 @@ SETUP_INPUTS := tools/setup.sh requirements.txt requirements-dev.txt $(wildcard 
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: help setup models test test-quick test-slow lint demo clean-models FORCE
+.PHONY: help setup models test test-quick test-slow lint demo train-smoke clean-models FORCE
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ test-slow: $(STAMP)  ## only the real-server tests
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
+
+train-smoke: $(STAMP)  ## train all three stages on CPU on generated sounds (a few minutes); prints JSON last
+	$(PY) -m clap2diffusion_core.training smoke --out out/train-smoke $(TRAIN_SMOKE_ARGS)
 
 clean-models:  ## drop the cached test models (they are rebuilt on demand)
 	rm -rf .cache/test-models
