@@ -76,3 +76,14 @@ def test_stage2_resumes_exactly(run, tmp_path):
     a, b = load_checkpoint(straight.file).state_dict(), load_checkpoint(resumed.file).state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_stages_in_one_process_may_use_different_precisions(run, tmp_path):
+    """``train stage1 stage2 stage3`` runs stage 1 in fp32 and stage 2 with the UNet in bf16."""
+    root, cache, sd15 = run
+    stage1 = str(root / "stage1" / f"{STAGE_FILE_NAMES[1]}.safetensors")
+    config = load_config("stage2", later_stage(2, tmp_path, cache, sd15, steps=1, init_from=stage1,
+                                               mixed_precision="bf16"))
+    result = train_stage(config, progress=False)
+    assert load_checkpoint(result.file).adapter is not None
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.fixed_losses[-1][1].values())

@@ -186,6 +186,7 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
     none) or a checkpoint folder. Call in every process of an ``accelerate launch``.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
@@ -196,6 +197,10 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
         config = dataclasses.replace(config, init_from=str(previous))
     use_tb = _tensorboard_available()
     process_state()  # the launch's processes, before accelerate decides on its own
+    # accelerate keeps precision and accumulation in process-wide singletons, and stage 1 (fp32) and
+    # stage 2 (bf16) run in one process: start each stage afresh, keeping the processes' group.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(
         cpu=use_cpu(),
         gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
