@@ -32,7 +32,7 @@ def _register_folder(name: str, *extra_paths: str) -> None:
 _register_folder("clap")
 _register_folder("clap2diffusion", os.path.join(PACK_DIR, "checkpoints"))
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "web"  # frontend glue: the audio player on Load Audio (CLAP2Diffusion)
 
 
 async def comfy_entrypoint() -> Clap2DiffusionExtension:
