@@ -69,7 +69,8 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, test_models: tm.TestM
     """A real ComfyUI server on a free port, base directory in a temp folder:
 
     custom_nodes/clap2diffusion -> this repo; models/checkpoints/tiny-sd15.safetensors;
-    models/controlnet, models/loras, models/clap/tiny-clap-htsat-unfused/, models/clap2diffusion/;
+    models/controlnet, models/loras, models/clap/tiny-clap-htsat-unfused/, models/clap2diffusion/
+    (stage 1 and a stage 3 file with adapters for the tiny UNet);
     input/ holds the test sounds (thunder.wav, ...).
     """
     models: dict[str, list[Path]] = {
@@ -77,7 +78,7 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, test_models: tm.TestM
         "controlnet": [test_models.controlnet],
         "loras": [test_models.lora],
         "clap": [test_models.clap_folder],
-        "clap2diffusion": [test_models.clap2diffusion] if test_models.clap2diffusion else [],
+        "clap2diffusion": [p for p in (test_models.clap2diffusion, test_models.clap2diffusion_adapter) if p],
     }
     base = make_base_dir(tmp_path_factory.mktemp("comfyui"), models, inputs=list(test_models.sounds.values()))
     server = ComfyServer(base)

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from comfy_server import ComfyClient
 
-from tools.run_workflow import WorkflowError, map_widget_values, rewrite_files, ui_to_api
+from tools.run_workflow import (
+    WorkflowError,
+    adapter_loaders,
+    map_widget_values,
+    rewrite_files,
+    shrink_for_random_models,
+    ui_to_api,
+)
 
 DATA = Path(__file__).parent / "data"
 WORKFLOW = DATA / "core_text_to_image.ui.json"
@@ -66,6 +73,35 @@ def test_missing_files_are_pointed_at_what_exists(object_info: dict) -> None:
                        "-> 'tiny-sd15.safetensors'"]
 
 
+def test_random_models_get_small_latents_and_few_steps(object_info: dict) -> None:
+    prompt = ui_to_api(json.loads(WORKFLOW.read_text()), object_info)
+    prompt["5"]["inputs"].update(width=512, height=768)
+    prompt["3"]["inputs"]["steps"] = 20
+    changes = shrink_for_random_models(prompt)
+    assert prompt["5"]["inputs"] == {"width": 256, "height": 256, "batch_size": 1}
+    assert prompt["3"]["inputs"]["steps"] == 4 and len(changes) == 3
+    assert shrink_for_random_models(prompt) == []  # already small: unchanged
+
+
+def test_a_loader_feeding_apply_audio_to_model_gets_a_stage_2_or_3_file() -> None:
+    info = {"C2D_Clap2DiffusionLoader": {"input": {"required": {"clap2diffusion_name": [
+        "COMBO", {"options": ["a-stage1.safetensors", "b-stage3.safetensors"]}]}}}}
+    prompt = {
+        "1": {"class_type": "C2D_Clap2DiffusionLoader", "inputs": {"clap2diffusion_name": "mine.safetensors"}},
+        "2": {"class_type": "C2D_HierarchicalDecompose", "inputs": {"clap2diffusion": ["1", 0]}},
+        "3": {"class_type": "C2D_AudioProject", "inputs": {"audio_levels": ["2", 0]}},
+        "4": {"class_type": "C2D_ApplyAudioToModel", "inputs": {"audio_tokens": ["3", 0]}},
+        "5": {"class_type": "C2D_Clap2DiffusionLoader", "inputs": {"clap2diffusion_name": "mine.safetensors"}},
+        "6": {"class_type": "C2D_ApplyAudioToConditioning", "inputs": {"audio_tokens": ["5", 0]}},
+    }
+    assert adapter_loaders(prompt) == {"1"}
+    info.update({k: {"input": {}} for k in ("C2D_HierarchicalDecompose", "C2D_AudioProject",
+                                            "C2D_ApplyAudioToModel", "C2D_ApplyAudioToConditioning")})
+    rewrite_files(prompt, info, ["a-stage1.safetensors"])
+    assert prompt["1"]["inputs"]["clap2diffusion_name"] == "b-stage3.safetensors"
+    assert prompt["5"]["inputs"]["clap2diffusion_name"] == "a-stage1.safetensors"
+
+
 def test_unknown_node_type_is_named(object_info: dict) -> None:
     workflow = json.loads(WORKFLOW.read_text())
     workflow["nodes"][0]["type"] = "NoSuchNode"
@@ -90,5 +126,6 @@ def test_example_workflows_run_on_the_real_server(comfy: ComfyClient, test_model
     prompt = ui_to_api(json.loads(path.read_text()), info)
     names = [p.name for p in (test_models.sd15_checkpoint, test_models.clap_folder,
                               test_models.clap2diffusion, test_models.sounds["thunder.wav"]) if p]
-    rewrite_files(prompt, info, names)
+    rewrite_files(prompt, info, names)  # a loader feeding Apply Audio to Model takes the stage 3 file
+    shrink_for_random_models(prompt)  # 256 px, 4 steps: as make demo runs the random models
     assert comfy.run(prompt, timeout=600), f"{path.name} produced no image"

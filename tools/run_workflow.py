@@ -5,8 +5,8 @@
 What `make demo` runs. It finds the models in the ComfyUI models folders, and where a real one
 is missing (SD1.5 checkpoint, CLAP, CLAP2Diffusion file) it builds the random-weight test
 models instead and says so; starts ComfyUI headless with this pack; converts the workflow to an
-API prompt using the server's /object_info; points model and sound widgets at files that exist;
-runs it, writes the image to out/, prints the time of each stage and node, and prints the
+API prompt using the server's /object_info; points model and sound widgets at files that exist
+(with the random SD1.5 checkpoint, also 256 px and 4 steps at most: a CPU runs it in seconds); runs it, writes the image to out/, prints the time of each stage and node, and prints the
 image's path as its last line.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -184,14 +185,43 @@ def ui_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Any]) -> di
     return prompt
 
 
+# A CLAP2Diffusion file with adapter layers (stage 2 or 3), by the names training gives them.
+ADAPTER_FILE = re.compile(r"stage[ _-]?[23]", re.IGNORECASE)
+
+
+def adapter_loaders(prompt: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """Ids of the CLAP2Diffusion Loader nodes whose file needs adapter layers: their audio tokens
+    reach an Apply Audio to Model node."""
+    consumers: dict[str, set[str]] = {}
+    for node_id, node in prompt.items():
+        for value in node["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                consumers.setdefault(value[0], set()).add(node_id)
+    found = set()
+    for node_id, node in prompt.items():
+        if node["class_type"] != "C2D_Clap2DiffusionLoader":
+            continue
+        seen, stack = set(), [node_id]
+        while stack:
+            for following in consumers.get(stack.pop(), ()):
+                if following not in seen:
+                    seen.add(following)
+                    stack.append(following)
+        if any(prompt[n]["class_type"] == "C2D_ApplyAudioToModel" for n in seen):
+            found.add(node_id)
+    return found
+
+
 def rewrite_files(prompt: dict[str, dict[str, Any]], object_info: Mapping[str, Any],
                   preferred: Iterable[str]) -> list[str]:
     """Point combo widgets whose value does not exist on this server at files that do.
 
-    The first of ``preferred`` that the combo offers wins, else its first option. Returns one
-    line per change, to print.
+    The first of ``preferred`` that the combo offers wins, else its first option; a
+    CLAP2Diffusion Loader that feeds Apply Audio to Model takes a stage 2/3 file first. Returns
+    one line per change, to print.
     """
     preferred = list(preferred)
+    needs_adapter = adapter_loaders(prompt)
     changes = []
     for node_id, node in prompt.items():
         info = object_info[node["class_type"]]
@@ -202,12 +232,39 @@ def rewrite_files(prompt: dict[str, dict[str, Any]], object_info: Mapping[str, A
             options = combo_options(specs[name])
             if options is None or value in options:
                 continue
-            choice = next((p for p in preferred if p in options), options[0] if options else None)
+            candidates = [p for p in preferred if p in options] + [o for o in options if o not in preferred]
+            if node_id in needs_adapter:
+                candidates.sort(key=lambda c: not ADAPTER_FILE.search(str(c)))  # stable: keeps the order
+            choice = candidates[0] if candidates else None
             if choice is None:
                 raise WorkflowError(f"node {node_id} ({node['class_type']}): {name}={value!r} does not "
                                     "exist and there is nothing to choose from")
             node["inputs"][name] = choice
             changes.append(f"node {node_id} ({node['class_type']}) {name}: {value!r} -> {choice!r}")
+    return changes
+
+
+# What random-weight models on a CPU get instead of the workflow's 512 px / 20 steps: the image
+# only shows that the graph runs, and the tiny UNet's attention grows with the square of the pixels.
+QUICK_SIZE, QUICK_STEPS = 256, 4
+
+
+def shrink_for_random_models(prompt: dict[str, dict[str, Any]], size: int = QUICK_SIZE,
+                             steps: int = QUICK_STEPS) -> list[str]:
+    """Cap latent sizes at ``size`` px and sampler steps at ``steps``; one line per change."""
+    changes = []
+    for node_id, node in prompt.items():
+        inputs, kind = node["inputs"], node["class_type"]
+        caps = {}
+        if kind == "EmptyLatentImage":
+            caps = {"width": size, "height": size}
+        elif kind in ("KSampler", "KSamplerAdvanced", "BasicScheduler"):
+            caps = {"steps": steps}
+        for name, cap in caps.items():
+            value = inputs.get(name)
+            if isinstance(value, int) and value > cap:
+                inputs[name] = cap
+                changes.append(f"node {node_id} ({kind}) {name}: {value} -> {cap} (random-weight models on CPU)")
     return changes
 
 
@@ -222,11 +279,12 @@ class ModelChoice:
     checkpoint: str
     clap: str
     clap2diffusion: str | None
+    clap2diffusion_adapter: str | None = None  # a stage 2/3 file, for Apply Audio to Model
     random: list[str] = field(default_factory=list)
     extra_folders: dict[str, Path] = field(default_factory=dict)  # for extra_model_paths.yaml
 
     def preferred_names(self) -> list[str]:
-        return [n for n in (self.checkpoint, self.clap, self.clap2diffusion) if n]
+        return [n for n in (self.checkpoint, self.clap, self.clap2diffusion, self.clap2diffusion_adapter) if n]
 
 
 def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -279,6 +337,8 @@ def choose_models(comfy: Path) -> ModelChoice:
         checkpoint=real["checkpoint"] or built.sd15_checkpoint.name,
         clap=real["clap"] or built.clap_folder.name,
         clap2diffusion=real["clap2diffusion"] or (built.clap2diffusion.name if built.clap2diffusion else None),
+        clap2diffusion_adapter=None if real["clap2diffusion"] or built.clap2diffusion_adapter is None
+        else built.clap2diffusion_adapter.name,
     )
     folders = built.folders()
     if real["checkpoint"] is None:
@@ -375,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
         timings.append(("server start (to /object_info)", time.monotonic() - start))
         info = server.client.object_info()
         prompt = ui_to_api(workflow, info)
-        for change in rewrite_files(prompt, info, models.preferred_names() + [sounds[0].name]):
+        changes = rewrite_files(prompt, info, models.preferred_names() + [sounds[0].name])
+        if "SD1.5 checkpoint" in models.random:
+            changes += shrink_for_random_models(prompt)
+        for change in changes:
             print("  " + change)
         print(f"running {workflow_path.name} ({len(prompt)} nodes)...", flush=True)
         result = server.client.execute(prompt, timeout=args.timeout)

@@ -12,6 +12,8 @@ that have the real architectures and file formats but random weights:
 - ``sounds/*.wav``: a few synthetic sounds (48 kHz / 44.1 kHz, mono / stereo, 1-12 s).
 - ``clap2diffusion/tiny-clap2diffusion-stage1.safetensors``: from
   ``clap2diffusion_core.testing.random_checkpoint`` once the core package provides it.
+- ``clap2diffusion/tiny-clap2diffusion-stage3.safetensors``: the same with adapter layers for the
+  tiny UNet (gates open), for Apply Audio to Model.
 
 Everything is seeded, so a build is deterministic, and cached under
 ``.cache/test-models/<VERSION>/`` in the layout of ComfyUI's ``models/`` folder (bump
@@ -50,6 +52,7 @@ CONTROLNET = "controlnet/tiny-sd15-controlnet.safetensors"
 LORA = "loras/tiny-sd15-lora.safetensors"
 CLAP_FOLDER = "clap/tiny-clap-htsat-unfused"
 CLAP2DIFFUSION = "clap2diffusion/tiny-clap2diffusion-stage1.safetensors"
+CLAP2DIFFUSION_ADAPTER = "clap2diffusion/tiny-clap2diffusion-stage3.safetensors"
 SOUNDS_DIR = "sounds"
 
 # The tiny SD1.5 UNet: ComfyUI's UNetModel with SD1.5's width, heads and context size, but a single
@@ -85,6 +88,7 @@ class TestModels:
     clap_folder: Path
     sounds: dict[str, Path] = field(default_factory=dict)
     clap2diffusion: Path | None = None
+    clap2diffusion_adapter: Path | None = None  # stage 3, adapters for the tiny UNet
 
     def folders(self) -> dict[str, Path]:
         """ComfyUI model folder name -> the folder holding our file(s), for extra_model_paths."""
@@ -459,8 +463,11 @@ def build_sound(target: Path, seed: int = 0) -> None:
 # CLAP2Diffusion file (the core team's format)
 
 
-def build_clap2diffusion(target: Path, seed: int = 0) -> bool:
-    """Build with ``clap2diffusion_core.testing.random_checkpoint``; False if not available yet."""
+def build_clap2diffusion(target: Path, seed: int = 0, stage: int = 1) -> bool:
+    """Build with ``clap2diffusion_core.testing.random_checkpoint``; False if not available yet.
+
+    Stage 2/3 files carry adapter layers for the tiny UNet's cross-attention layers.
+    """
     if str(REPO_ROOT) not in sys.path:
         sys.path.append(str(REPO_ROOT))  # appended: must not shadow ComfyUI's `nodes`
     try:
@@ -473,7 +480,10 @@ def build_clap2diffusion(target: Path, seed: int = 0) -> bool:
                     "random_checkpoint does not exist yet (%s)", err)
         return False
     tmp = _atomic_path(target)
-    random_checkpoint(str(tmp), context_dim=768, stage=1, seed=seed)
+    if stage == 1:
+        random_checkpoint(str(tmp), context_dim=768, stage=1, seed=seed)
+    else:
+        random_checkpoint(str(tmp), context_dim=768, stage=stage, seed=seed, layout="tiny")
     os.replace(tmp, target)
     return True
 
@@ -488,14 +498,14 @@ def _core_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def _cached_clap2diffusion(target: Path, seed: int, force: bool) -> Path | None:
+def _cached_clap2diffusion(target: Path, seed: int, force: bool, stage: int = 1) -> Path | None:
     """Rebuilt whenever the core's code changes (the core team evolves the format)."""
     stamp = target.with_name(target.name + ".core-fingerprint")
     fingerprint = _core_fingerprint()
     if force or not target.exists() or not stamp.exists() or stamp.read_text() != fingerprint:
         target.unlink(missing_ok=True)
         start = time.perf_counter()
-        if not build_clap2diffusion(target, seed):
+        if not build_clap2diffusion(target, seed, stage):
             return None
         stamp.write_text(fingerprint)
         log.info("built %s in %.1fs", target.name, time.perf_counter() - start)
@@ -517,8 +527,9 @@ def build_all(root: Path | str | None = None, *, force: bool = False, seed: int 
         sounds = {name: _cached(root / SOUNDS_DIR / name, lambda p: build_sound(p, seed), force)
                   for name in SOUND_SPECS}
         c2d = _cached_clap2diffusion(root / CLAP2DIFFUSION, seed, force)
+        adapter = _cached_clap2diffusion(root / CLAP2DIFFUSION_ADAPTER, seed, force, stage=3)
     return TestModels(root=root, sd15_checkpoint=ckpt, controlnet=cnet, lora=lora,
-                      clap_folder=clap, sounds=sounds, clap2diffusion=c2d)
+                      clap_folder=clap, sounds=sounds, clap2diffusion=c2d, clap2diffusion_adapter=adapter)
 
 
 @torch.inference_mode()
