@@ -31,6 +31,8 @@ def resolve_input_file(name: str) -> str:
     input_dir = os.path.realpath(folder_paths.get_input_directory())
     if not name or os.path.isabs(name) or os.path.splitdrive(name)[0]:
         raise ValueError(f"Audio file must be a name inside the input folder, got {name!r}.")
+    if "\x00" in name:  # os.path would only say "embedded null byte"
+        raise ValueError(f"Audio file name {name!r} contains a NUL character; pick a file from the list or upload it.")
     path = os.path.realpath(os.path.join(input_dir, name))
     if os.path.commonpath([path, input_dir]) != input_dir:
         raise ValueError(f"Audio file {name!r} lies outside ComfyUI's input folder; refusing to read it.")
