@@ -60,6 +60,31 @@ def save_checkpoint(model: CLAP2DiffusionModel, path: str | os.PathLike) -> None
     save_file(state, os.fspath(path), metadata=build_metadata(model.config))
 
 
+def safetensors_damage(path: str | os.PathLike) -> str | None:
+    """Why a file that starts like safetensors cannot be whole, naming the expected and found
+    sizes (a cut download); None if its size fits its header. Reads only the header."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated: {size} bytes, less than the 8-byte header length every safetensors file starts with"
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            return (
+                f"truncated: its header alone should be {header_len} bytes, but only {size - 8} follow the "
+                f"header length (file size {size} bytes)"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError) as err:
+            return f"its header is not valid safetensors JSON ({err})"
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"truncated: expected {expected} bytes, found {size} ({size / expected:.0%} of the file)"
+    return None
+
+
 def _refuse_non_safetensors(path: str) -> None:
     """Name what the file is when it is not safetensors; pickles are never opened."""
     with open(path, "rb") as f:
@@ -74,11 +99,15 @@ def _refuse_non_safetensors(path: str) -> None:
             "loaded, so CLAP2Diffusion only reads .safetensors files; ask for (or convert to) a "
             ".safetensors file."
         )
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{" or header_len > os.path.getsize(path):
+    if head[8:9] != b"{":
         raise CheckpointError(
-            f"{path}: not a safetensors file (no valid header); is this the right file?"
+            f"{path}: not a safetensors file: it starts with bytes {head[:10].hex(' ')} where a safetensors "
+            "file has an 8-byte header length and '{'. CLAP2Diffusion reads only .safetensors files "
+            "(never pickles); is this the right file?"
         )
+    damage = safetensors_damage(path)
+    if damage:
+        raise CheckpointError(f"{path}: {damage}; download or copy it again")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
