@@ -225,6 +225,7 @@ def load_clap(path: str | os.PathLike) -> ClapEncoder:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
+        _check_safetensors(path)
         return _from_state_dict(load_file(path), path)
     if path.endswith(CHECKPOINT_EXTENSIONS):
         return _from_state_dict(_torch_load(path), path)
@@ -240,13 +241,49 @@ def _load_folder(path: str) -> ClapEncoder:
     config = ClapConfig.from_pretrained(path)
     if config.model_type != "clap":
         raise ClapError(f"{path!r} holds a {config.model_type!r} model, not CLAP.")
-    model = ClapModel.from_pretrained(path, local_files_only=True).float()
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            _check_safetensors(os.path.join(path, name))
+    # transformers only logs weights that do not fit the config and fills missing ones with random
+    # values: ask what happened and refuse, naming expected and found.
+    model, info = ClapModel.from_pretrained(
+        path, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    _check_loading_info(model, info, path)
+    model = model.float()
     mel = MelConfig()
     pre = os.path.join(path, "preprocessor_config.json")
     if os.path.isfile(pre):
         with open(pre, encoding="utf-8") as f:
             mel = MelConfig.from_preprocessor_config(json.load(f))
     return ClapEncoder(model, _load_tokenizer(path), mel)
+
+
+def _check_safetensors(path: str) -> None:
+    from .checkpoint import safetensors_damage
+
+    damage = safetensors_damage(path)
+    if damage:
+        raise ClapError(f"{os.path.basename(path)!r} is not a whole safetensors file: {damage}. Download or copy it again.")
+
+
+def _check_loading_info(model: ClapModel, info: Mapping, path: str) -> None:
+    """Refuse weights that do not fit the config (transformers would re-initialise them randomly)."""
+    wrong = [f"{key}: expected {tuple(expected)}, found {tuple(found)}"
+             for key, found, expected in info.get("mismatched_keys") or ()]  # fmt: skip
+    params = dict(model.named_parameters())
+    missing = sorted(k for k in info.get("missing_keys") or () if k in params)
+    if wrong:
+        raise ClapError(
+            f"{os.path.basename(path)!r}: weights do not fit its config.json ({len(wrong)} tensors): "
+            f"{_sample(wrong)}. Use the config.json that came with these weights."
+        )
+    if missing:
+        raise ClapError(
+            f"{os.path.basename(path)!r}: {len(missing)} weights its config.json expects are missing from the "
+            f"weights file ({_sample(missing)}): the download is incomplete or the config belongs to another "
+            "CLAP model. Download the whole model folder again."
+        )
 
 
 def _load_tokenizer(path: str):
@@ -315,6 +352,14 @@ def build_model(config: ClapConfig, state_dict: Mapping[str, torch.Tensor], sour
     """A ClapModel holding exactly ``state_dict``; built on the meta device (no random init)."""
     with torch.device("meta"):
         model = ClapModel(config)
+    expected = model.state_dict()
+    wrong = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
+             for k, v in state_dict.items() if k in expected and expected[k].shape != v.shape]  # fmt: skip
+    if wrong:
+        raise ClapError(
+            f"{os.path.basename(source) or 'CLAP weights'} do not fit the CLAP config ({len(wrong)} tensors): "
+            f"{_sample(wrong)}. Use the config that came with these weights."
+        )
     result = model.load_state_dict(dict(state_dict), strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise ClapError(
