@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..clap2diffusion_core.checkpoint import check_context_dim
 from ..clap2diffusion_core.conditioning import append_audio_tokens
 from ..clap2diffusion_core.types import AudioTokens
 from . import types
@@ -46,6 +47,10 @@ class ApplyAudioToConditioning(io.ComfyNode):
     ) -> io.NodeOutput:
         if strength == 0:
             return io.NodeOutput(conditioning)
+        for text, _ in conditioning:
+            if text.shape[-1] != audio_tokens.tokens.shape[-1] and audio_tokens.model is not None:
+                # Name both base models, not only both sizes (SD2 is 1024, SDXL 2048).
+                check_context_dim(audio_tokens.model, text.shape[-1], "this conditioning")
         out = []
         for text, options in conditioning:
             out.append(
