@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -28,6 +28,8 @@ from .audio import CLAP_SAMPLE_RATE, WINDOW_SAMPLES, prepare_windows
 log = logging.getLogger(__name__)
 
 EmbedMode = Literal["first", "mean", "per_window"]
+#: ``(windows_done, windows_total)``, called between batches of windows.
+BatchCallback = Callable[[int, int], None]
 EMBED_MODES: tuple[str, ...] = ("first", "mean", "per_window")
 CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
 
@@ -132,12 +134,22 @@ class ClapEncoder(nn.Module):
         return 10.0 * torch.log10(mel.clamp(min=1e-10))
 
     @torch.no_grad()
-    def encode_windows(self, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """``[N, 480000]`` mono 48 kHz windows -> ``[N, D]`` (D = 512) L2-normalised embeddings."""
+    def encode_windows(
+        self, windows: torch.Tensor, batch_size: int = 8, on_batch: BatchCallback | None = None
+    ) -> torch.Tensor:
+        """``[N, 480000]`` mono 48 kHz windows -> ``[N, D]`` (D = 512) L2-normalised embeddings.
+
+        ``on_batch(done, total)`` is called before each batch and once at the end (windows done so
+        far, N): a caller can report progress there, or raise to stop a long file early.
+        """
         if windows.ndim != 2 or windows.shape[-1] != WINDOW_SAMPLES:
             raise ClapError(f"Expected windows shaped [N, {WINDOW_SAMPLES}], got {list(windows.shape)}.")
         out = []
+        done, total = 0, windows.shape[0]
         for chunk in windows.split(batch_size):
+            if on_batch is not None:
+                on_batch(done, total)
+            done += chunk.shape[0]
             mel = self.log_mel(chunk.to(self.compute_device)).unsqueeze(1)  # [n, 1, frames, mels]
             # Fused models take four mel views; a window of exactly 10 s is "not longer", so the
             # model reads only the first (laion-clap's inference path): no random crops.
@@ -146,6 +158,8 @@ class ClapEncoder(nn.Module):
             is_longer = torch.zeros(mel.shape[0], 1, dtype=torch.bool, device=mel.device)
             features = self.model.get_audio_features(input_features=mel, is_longer=is_longer)
             out.append(_features(features))
+        if on_batch is not None:
+            on_batch(done, total)
         return F.normalize(torch.cat(out).float(), dim=-1)
 
     @torch.no_grad()
@@ -167,11 +181,18 @@ class ClapEncoder(nn.Module):
         )
         return F.normalize(_features(features).float(), dim=-1)
 
-    def embed(self, waveform: torch.Tensor, sample_rate: int, mode: EmbedMode = "first") -> torch.Tensor:
+    def embed(
+        self,
+        waveform: torch.Tensor,
+        sample_rate: int,
+        mode: EmbedMode = "first",
+        on_batch: BatchCallback | None = None,
+    ) -> torch.Tensor:
         """ComfyUI AUDIO ``[B, C, T]`` -> ``[B', D]`` L2-normalised.
 
         ``first``: the first 10 s (B' = B). ``mean``: the normalised mean over all 10 s windows
-        (B' = B). ``per_window``: one row per window, batch-major (B' = B * N).
+        (B' = B). ``per_window``: one row per window, batch-major (B' = B * N). ``on_batch``: see
+        :meth:`encode_windows`.
         """
         if mode not in EMBED_MODES:
             raise ClapError(f"Unknown window mode {mode!r}; use one of {', '.join(EMBED_MODES)}.")
@@ -184,8 +205,8 @@ class ClapEncoder(nn.Module):
         windows = prepare_windows(waveform, sample_rate)  # [B, N, 480000]
         b, n = windows.shape[:2]
         if mode == "first":
-            return self.encode_windows(windows[:, 0])
-        emb = self.encode_windows(windows.reshape(b * n, -1))  # [B * N, D]
+            return self.encode_windows(windows[:, 0], on_batch=on_batch)
+        emb = self.encode_windows(windows.reshape(b * n, -1), on_batch=on_batch)  # [B * N, D]
         if mode == "per_window":
             return emb
         return F.normalize(emb.reshape(b, n, -1).mean(dim=1), dim=-1)

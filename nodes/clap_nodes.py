@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 import comfy.model_management as mm
+import comfy.utils
 import folder_paths
 import torch
 from comfy.model_patcher import ModelPatcher
@@ -171,7 +172,16 @@ class ClapEncode(io.ComfyNode):
         for warning in validate_waveform(waveform, sample_rate):  # raises AudioError on unusable audio
             log.warning("CLAP Encode: %s", warning)
         encoder = clap_model.load()
-        embeds = encoder.embed(waveform, sample_rate, window_mode)  # [B', 512]
+        progress: list[comfy.utils.ProgressBar] = []
+
+        def between_batches(done: int, total: int) -> None:
+            # A long file in mean/per_window mode is many batches: let Cancel stop it between them.
+            mm.throw_exception_if_processing_interrupted()
+            if not progress:
+                progress.append(comfy.utils.ProgressBar(total))
+            progress[0].update_absolute(done, total)
+
+        embeds = encoder.embed(waveform, sample_rate, window_mode, on_batch=between_batches)  # [B', 512]
         return io.NodeOutput(embeds.to(mm.intermediate_device()))
 
 
