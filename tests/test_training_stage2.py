@@ -44,6 +44,12 @@ def test_stage2_opens_the_gates_and_writes_a_file_for_the_model_node(run):
     first, last = result.fixed_losses[0][1], result.fixed_losses[-1][1]
     assert set(first) >= {"epsilon", "orthogonality", "entropy", "prior", "infonce", "mse"}
     assert last["loss"] < first["loss"]
+    tensorboard = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    tags = set()
+    for events in (root / "stage2" / "logs").rglob("events.out.tfevents.*"):
+        tags |= set(tensorboard.EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert {"gates/abs_mean", "gates/layer_00", "gates/layer_03", "train/epsilon", "train/orthogonality",
+            "train/prior", "eval/fixed_batch_epsilon"} <= tags
     # Stage 1's weights were the starting point (the decomposer's architecture came from its file).
     stage1 = load_checkpoint(root / "stage1" / f"{STAGE_FILE_NAMES[1]}.safetensors")
     assert model.config.projector == stage1.config.projector
