@@ -243,6 +243,19 @@ def test_adapter_keys_and_values_live_in_a_model_patcher(comfy_tiny):
     assert kv_patcher.load_device == model.load_device and kv_patcher.offload_device == model.offload_device
 
 
+def test_comfyui_memory_management_loads_the_keys_and_values_with_the_unet(comfy_tiny):
+    import comfy.model_management as mm
+
+    patch, model, c2d = comfy_tiny
+    patched = patch.apply_audio_to_model(model, _audio(c2d))
+    kv_patcher = _replaces(patched)[("middle", 0, 0)].injection.kv_patcher
+    try:
+        mm.load_models_gpu([patched])
+        assert any(loaded.model is kv_patcher for loaded in mm.current_loaded_models)
+    finally:
+        mm.unload_all_models()
+
+
 def test_strength_0_or_closed_gates_return_the_input_model(comfy_tiny):
     patch, model, c2d = comfy_tiny
     assert patch.apply_audio_to_model(model, _audio(c2d), strength=0.0) is model
