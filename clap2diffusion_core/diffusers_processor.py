@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import AdapterLayer, AudioAdapter, canonical_order
-from .audio_attention import add_audio
+from .audio_attention import add_audio, repeat_rows
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -131,6 +131,10 @@ class AudioAttnProcessor:
         audio = self.hook.current
         if audio is not None:
             key, value = self.hook.adapter.layer_kv(self.index, audio.tokens, audio.scales[self.index])
+            if key.shape[0] != batch:
+                if key.shape[0] != 1:
+                    raise ValueError(f"audio tokens for {key.shape[0]} rows, but the UNet batch has {batch}")
+                key, value = repeat_rows(key, batch), repeat_rows(value, batch)
             out = add_audio(out, q, key.to(q.dtype), value.to(q.dtype))
 
         out = attn.to_out[1](attn.to_out[0](out))
@@ -166,8 +170,8 @@ class AudioAdapterHook:
         strength: float | torch.Tensor = 1.0,
         level_weights: Sequence[float] | torch.Tensor | None = None,
     ) -> Iterator[None]:
-        """Bind audio for the forwards inside: ``tokens [B, N, C]`` per latent row (rows whose text
-        is dropped for classifier-free guidance take the silence tokens, ``AudioTokens.uncond``),
+        """Bind audio for the forwards inside: ``tokens [B, N, C]`` per latent row, or ``[1, N, C]``
+        for all (rows whose text is dropped for CFG take the silence tokens, ``AudioTokens.uncond``),
         ``token_levels [N]``; ``strength`` and ``level_weights [3]`` as in the ComfyUI node."""
         if self.current is not None:
             raise RuntimeError("audio is already bound to this UNet (nested hook.audio)")

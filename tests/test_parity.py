@@ -151,6 +151,25 @@ def test_without_audio_bound_the_processor_is_diffusers_default_bit_for_bit(pack
     assert torch.equal(before, during) and torch.equal(before, after)
 
 
+def test_processor_takes_one_sound_for_the_whole_batch_or_one_per_row(pack, models, inputs):
+    _, unet, c2d, audio = models
+    latent, text = inputs
+    t = torch.full((2,), 500.0)
+    hook = pack["processor"].attach_audio_adapter(unet, c2d.adapter)
+    try:
+        with torch.no_grad():
+            with hook.audio(audio.tokens[:1], audio.token_levels):
+                one = unet(latent, t, text[0]).sample
+            with hook.audio(audio.tokens[:1].expand(2, -1, -1), audio.token_levels):
+                each = unet(latent, t, text[0]).sample
+            with pytest.raises(ValueError, match="audio tokens for 3 rows, but the UNet batch has 2"):
+                with hook.audio(audio.tokens[:1].expand(3, -1, -1), audio.token_levels):
+                    unet(latent, t, text[0])
+    finally:
+        hook.detach()
+    torch.testing.assert_close(one, each)
+
+
 def test_training_gradients_reach_gates_projections_and_routing(pack, models, inputs):
     _, unet, c2d, audio = models
     latent, text = inputs

@@ -5,7 +5,7 @@ Same ComfyUI model, seed and conditioning; the two variants interleaved over sev
 SD1.5 test UNet at 256 px. ``--full``: the full SD1.5 architecture (random weights) at 512 px, for
 a GPU. The full benchmark suite (``make bench``) covers more; this is the adapter's own figure.
 
-    .venv/bin/python tools/time_model_injection.py [--steps 10] [--reps 5] [--full]
+    .venv/bin/python tools/time_model_injection.py [--steps 10] [--reps 5] [--threads 1] [--full]
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--forwards", type=int, default=30,
                         help="UNet forwards per variant for the forward-only figure (0: skip)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 gives steadier CPU-time figures on a busy machine")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tm.import_comfy()
     import comfy.ops
