@@ -13,8 +13,9 @@ SETUP_INPUTS := tools/setup.sh requirements.txt requirements-dev.txt $(wildcard 
 
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
+BENCH_ARGS  ?=
 
-.PHONY: help setup models test test-quick test-slow lint demo train-smoke clean-models FORCE
+.PHONY: help setup models test test-quick test-slow lint demo train-smoke bench clean-models FORCE
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +48,9 @@ lint: $(STAMP)  ## ruff
 
 train-smoke: $(STAMP)  ## train all three stages on CPU on generated sounds (a few minutes); prints JSON last
 	$(PY) -m clap2diffusion_core.training smoke --out out/train-smoke $(TRAIN_SMOKE_ARGS)
+
+bench: $(STAMP)  ## what sound costs on top of text (CPU: a few minutes; --full on a GPU); writes bench/results.json
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 clean-models:  ## drop the cached test models (they are rebuilt on demand)
 	rm -rf .cache/test-models
