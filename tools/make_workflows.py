@@ -231,7 +231,9 @@ class Workflow:
         values: list[Any] = []
         for name, spec in self.widget_specs(node.info):
             kind, options = _spec(spec)
-            value = node.widgets.get(name, options.get("default"))
+            # The frontend's own fallbacks where the server gives no default.
+            fallback = {"STRING": "", "INT": 0, "FLOAT": 0.0, "BOOLEAN": False}.get(kind)
+            value = node.widgets.get(name, options.get("default", fallback))
             if value is None and kind == "COMBO":
                 value = (options.get("options") or [None])[0]
             if kind == "COMBO" and options.get("options") and not self._file_combo(node.type, name) \
@@ -277,7 +279,10 @@ class Workflow:
                 entry["inputs"] = self.frontend_inputs(node)
                 entry["outputs"] = []
                 for slot, (kind, name) in enumerate(zip(node.info["output"], node.info["output_name"])):
-                    output: dict[str, Any] = {"localized_name": name, "name": name, "type": kind}
+                    output: dict[str, Any] = {"localized_name": name, "name": name}
+                    if (node.info.get("output_is_list") or [False] * (slot + 1))[slot]:
+                        output["shape"] = 6  # LiteGraph's grid: "a list, downstream runs once per item"
+                    output["type"] = kind
                     if slot in node.links_out:
                         output["slot_index"] = slot
                     output["links"] = node.links_out.get(slot, [])
