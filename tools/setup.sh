@@ -90,6 +90,18 @@ if [[ "$(readlink -f "$link" 2>/dev/null)" != "$PACK_DIR" ]]; then
     ln -sfn "$PACK_DIR" "$link"
 fi
 
+# The browser test (tests/test_browser_workflows.py) drives the real frontend in Debian's chromium
+# through playwright (requirements-dev.txt), which never downloads a browser of its own.
+if ! command -v chromium >/dev/null 2>&1 && [[ -z "${CHROMIUM:-}" ]]; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing chromium (apt-get) for the browser test"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "note: no chromium; the browser test will be skipped (as root: apt-get install chromium," \
+             "or set CHROMIUM=/path/to/chromium)" >&2
+    fi
+fi
+
 "$VENV/bin/python" -c "import torch, torchaudio, transformers; print('torch', torch.__version__, \
 '| torchaudio', torchaudio.__version__, '| transformers', transformers.__version__)"
 log "ready: ComfyUI at $COMFY, venv at $VENV"
