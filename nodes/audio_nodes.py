@@ -100,7 +100,9 @@ class LoadAudio(io.ComfyNode):
         return f"{digest.hexdigest()}:{max_seconds}"
 
     @classmethod
-    def validate_inputs(cls, audio: str, **kwargs) -> bool | str:
+    def validate_inputs(cls, audio: str) -> bool | str:
+        # `audio` only (no **kwargs): ComfyUI then reports a bad file once, on `audio`, and still
+        # checks max_seconds against its min/max itself.
         try:
             resolve_input_file(audio)
         except ValueError as err:

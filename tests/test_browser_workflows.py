@@ -263,7 +263,9 @@ def test_a_missing_sound_is_named_when_the_run_is_refused(
     answer = frontend.click_run()
     assert answer["http_status"] == 400
     errors = answer["node_errors"][str(load_audio)]["errors"]
-    assert any("not_uploaded.wav" in e["details"] and "upload it first" in e["details"] for e in errors), errors
+    # Once, on the input at fault (not repeated for every input of the node).
+    assert [e["extra_info"]["input_name"] for e in errors] == ["audio"], errors
+    assert "not_uploaded.wav" in errors[0]["details"] and "upload it first" in errors[0]["details"], errors
     frontend.page.wait_for_function("() => document.querySelector('.p-dialog')?.innerText?.includes('not_uploaded')",
                                     timeout=30_000)
     frontend.screenshot(ARTIFACTS / "error_missing_sound.png")
