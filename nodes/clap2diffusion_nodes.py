@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import folder_paths
@@ -56,6 +57,20 @@ class Clap2DiffusionLoader(io.ComfyNode):
         # The decomposer and projector are small (about 2.5M parameters) and run once per sound: keep
         # them on the CPU. Stage 2/3 adapters are moved with the UNet by the model patch.
         return io.NodeOutput(load_checkpoint(path, device="cpu"))
+
+    @classmethod
+    def validate_inputs(cls, clap2diffusion_name: str) -> bool | str:
+        # ComfyUI 0.3.75 checks a V3 combo's value against its options for no node: do it here, so a
+        # shared workflow naming another file is refused before anything runs.
+        name = clap2diffusion_name
+        if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            return f"CLAP2Diffusion file {name!r} must be a name inside models/clap2diffusion."
+        if folder_paths.get_full_path("clap2diffusion", name) is None:
+            return (
+                f"CLAP2Diffusion file {name!r} not found in models/clap2diffusion or the pack's checkpoints "
+                "folder; put it there and refresh the page."
+            )
+        return True
 
 
 class HierarchicalDecompose(io.ComfyNode):
