@@ -91,6 +91,30 @@ def test_frontend_starts_with_the_pack_and_lists_every_example(frontend: Fronten
     assert sorted(n["type"] for n in frontend.serialize()["nodes"]) == sorted(n["type"] for n in template["nodes"])
 
 
+def test_every_pack_node_can_be_added_to_the_canvas(frontend: Frontend, comfy: ComfyClient) -> None:
+    """As from the node library: each node is created with its widgets, no exception.
+    (The frontend's own audio upload widget once made Load Audio (CLAP2Diffusion) uncreatable.)"""
+    ours = sorted(name for name in comfy.object_info() if name.startswith("C2D_"))
+    mark = frontend.log.mark()
+    made = frontend.page.evaluate("""(types) => {
+        app.graph.clear();
+        return types.map((type, i) => {
+            const node = LiteGraph.createNode(type);
+            if (!node) return [type, null];
+            node.pos = [40 + 460 * (i % 5), 40 + 460 * Math.floor(i / 5)];
+            app.graph.add(node);
+            return [type, (node.widgets ?? []).map(w => w.name)];
+        });
+    }""", ours)
+    assert [t for t, widgets in made if widgets is None] == []
+    widgets = dict(made)
+    assert widgets["C2D_LoadAudio"][:2] == ["audio", "max_seconds"] and "audioUI" in widgets["C2D_LoadAudio"]
+    log = frontend.log.since(mark)
+    assert log.exceptions == [] and [m for m in log.console if not m.startswith("Failed to load")] == []
+    frontend.fit_view()
+    frontend.screenshot(ARTIFACTS / "pack_nodes.png")
+
+
 # --------------------------------------------------------------------------------------------
 # one example workflow, end to end
 
