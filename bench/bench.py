@@ -243,6 +243,18 @@ class Setup:
         self.noise = comfy.sample.prepare_noise(self.latent, seed=0)
         self.dtype = self.patch.compute_dtype(self.model)
 
+    def sigma_reading(self):  # noqa: ANN201
+        """Apply Audio to Model as if start/end percent were set, yet acting in every step.
+
+        A start/end range other than 0..1 makes the patch test sigma once per UNet call (a host
+        read: a device sync on cuda). Real ranges also switch the sound off in some steps, which
+        would hide the read's cost; here the range is everything, so only the read differs."""
+        patched = self.patch.apply_audio_to_model(self.model, self.tokens)
+        replaces = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+        injection = next(iter(replaces.values())).injection
+        injection.full_range = False  # sigma_range stays (inf, 0): every sigma is in range
+        return patched
+
     def sample(self, model, positive) -> torch.Tensor:
         import comfy.sample
 
@@ -270,6 +282,8 @@ def section_sampling(s: Setup, sections: str) -> dict[str, Any]:
         variants["conditioning"] = s.timed_sample(s.model, s.positive_audio)
     if "b" in sections:
         variants["model"] = s.timed_sample(s.patched, s.positive)
+        if s.args.ranged:  # as with start/end percent: one host read of sigma per UNet call
+            variants["model_ranged"] = s.timed_sample(s.sigma_reading(), s.positive)
     times = interleaved(variants, s.args.reps, s.args.warmup)
     out: dict[str, Any] = {
         "seconds_per_step": {name: {c: median(t[c]) for c in ("wall", "cpu")} for name, t in times.items()},
@@ -383,12 +397,15 @@ def section_checks(s: Setup) -> dict[str, Any]:
     attention = pack_module("clap2diffusion_core.audio_attention")
     model_mod = pack_module("clap2diffusion_core.model")
     patch = s.patch
-    ranged = patch.apply_audio_to_model(s.model, s.tokens, start_percent=0.0, end_percent=0.999)
+    ranged = s.sigma_reading()
     seen_dtypes: set[str] = set()
+    audio_terms = {"model": 0, "model_ranged": 0}
+    current = ["model"]
     original_add = patch.add_audio
 
     def add_audio(out, q, key, value):  # noqa: ANN001, ANN202
         seen_dtypes.add(f"q {q.dtype} {q.device.type}, audio k/v {key.dtype} {key.device.type}")
+        audio_terms[current[0]] += 1
         return original_add(out, q, key, value)
 
     targets = [
@@ -401,9 +418,11 @@ def section_checks(s: Setup) -> dict[str, Any]:
     events: dict[str, dict[str, int]] = {}
     events["plain"] = profiled_counts(lambda: s.sample(s.model, s.positive), s.cuda)
     events["conditioning"] = profiled_counts(lambda: s.sample(s.model, s.positive_audio), s.cuda)
-    events["model_ranged"] = profiled_counts(lambda: s.sample(ranged, s.positive), s.cuda)
     patch.add_audio = add_audio
     try:
+        current[0] = "model_ranged"
+        events["model_ranged"] = profiled_counts(lambda: s.sample(ranged, s.positive), s.cuda)
+        current[0] = "model"
         with counting(targets) as counts:
             events["model"] = profiled_counts(lambda: s.sample(s.patched, s.positive), s.cuda)
     finally:
@@ -433,7 +452,10 @@ def section_checks(s: Setup) -> dict[str, Any]:
         "events_per_run": events,
         "events_added_per_run": added,
         "note": "events_added_per_run: profiler counts of each variant minus plain sampling, same steps; "
-        "model_ranged is Apply Audio to Model with end_percent 0.999 (reads sigma once per UNet call)",
+        "model_ranged is Apply Audio to Model testing sigma once per UNet call as with start/end percent set, "
+        "but in range throughout",
+        "model_ranged_audio_terms_per_run": audio_terms["model_ranged"],
+        "model_audio_terms_per_run": audio_terms["model"],
         "apply_audio_to_model_ms": s.apply_ms,
     }
 
@@ -627,7 +649,7 @@ def table(results: dict[str, Any]) -> str:
     samp = results.get("sampling", {})
     sps = samp.get("seconds_per_step", {})
     if "plain" in sps:
-        for name in ("plain", "conditioning", "model"):
+        for name in ("plain", "conditioning", "model", "model_ranged"):
             if name in sps:
                 w, c = sps[name]["wall"], sps[name]["cpu"]
                 rows.append((f"sampling {name} (median per step)", f"{w * 1000:.1f} ms wall, {c * 1000:.1f} ms process CPU"))
@@ -638,6 +660,11 @@ def table(results: dict[str, Any]) -> str:
             r = samp[f"{name}_vs_plain"]
             rows.append((label, f"{results[key]:.3f} (paired {r['wall_median_paired_ratio']:.3f}; "
                                 f"process CPU {r['cpu_ratio_of_medians']:.3f})"))
+    if "model_ranged_vs_plain" in samp:
+        r = samp["model_ranged_vs_plain"]
+        rows.append(("    model injection reading sigma / plain",
+                     f"{r['wall_ratio_of_medians']:.3f} (paired {r['wall_median_paired_ratio']:.3f}): "
+                     "+1 host read of sigma per UNet call"))
     fwd = results.get("unet_forward")
     if fwd:
         rows.append(("    UNet forward alone, model / plain",
@@ -685,7 +712,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per variant (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (default 1)")
     parser.add_argument("--batch", type=int, default=1, help="latent batch size (default 1)")
-    parser.add_argument("--forwards", type=int, default=20,
+    parser.add_argument("--ranged", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the model injection testing sigma per UNet call, as it does when start/end "
+                        "percent are set: a host read (default: on with cuda, where that is a sync)")
+    parser.add_argument("--forwards", type=int, default=12,
                         help="UNet forwards per variant for the forward-only figure (0: skip)")
     parser.add_argument("--clap-batches", default="1,8", help="CLAP batch sizes (default 1,8)")
     parser.add_argument("--clap-reps", type=int, default=3, help="timed CLAP calls per batch size (default 3)")
@@ -707,6 +737,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.ranged is None:
+        args.ranged = want_cuda
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU visible to torch")
     if not want_cuda:
