@@ -724,7 +724,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sections", default="abcde", help="which of a b c d e to run (default all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default: torch's own choice); 1 steadies figures on a busy machine")
+                        help="torch CPU threads (default: torch's own choice, but 1 when the load average is at "
+                        "least the core count: oversubscribed OpenMP threads wait on each other at every op)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results file (default bench/results.json)")
     args = parser.parse_args(argv)
     args.unet = args.unet or ("sd15" if args.full else "tiny")
@@ -746,6 +747,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.full and not want_cuda:
         print("note: --full on the CPU: the full SD1.5 UNet in float32; the issue's figures are for a GPU",
               file=sys.stderr)
+    threads_note = "given" if args.threads else "torch's default"
+    load = load_average()
+    if not args.threads and not want_cuda and load and load[0] >= (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+        # Every parallel op then waits for a time slice for each of its threads: on 2 busy cores
+        # that made steps 2.5x slower and the ratios follow the op count, not the work.
+        args.threads = 1
+        threads_note = f"1: load average {load[0]} >= {os.cpu_count()} cores (--threads N to choose)"
     if args.threads:
         torch.set_num_threads(args.threads)
     tm.import_comfy()
@@ -757,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = mm.get_torch_device()
     results: dict[str, Any] = {"machine": machine_info(device)}
+    results["machine"]["torch_threads_why"] = threads_note
     started = time.perf_counter()
     in_process = set(args.sections) & set("abcd")
     setup = None
