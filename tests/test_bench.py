@@ -64,6 +64,7 @@ def test_bench_tiny_configuration(tmp_path: Path) -> None:
     assert checks["patch_calls_per_run"] == checks["open_layers"] * checks["unet_calls_per_run"]
     assert checks["audio_kv_dtype"] == checks["unet_compute_dtype"]
     assert checks["kv_patcher_loaded_with_unet"]
+    assert checks["events_added_per_run"]["model"], "the profiler counted nothing"
     for kind, added in checks["events_added_per_run"]["model"].items():
         assert added == 0, f"the model injection adds {added} {kind} per sampling run"
 
