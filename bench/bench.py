@@ -6,8 +6,8 @@ all variants alike. Sections:
 
   a  sampling with Apply Audio to Conditioning (77 audio tokens appended to the positive) / plain
   b  sampling with Apply Audio to Model (random stage-2 file, gates open) / plain, plus the UNet
-     forward alone, and the checks that make it cheap (keys/values not recomputed while sampling,
-     kept in the UNet's dtype, no per-layer host reads)
+     forward alone (time and FLOPs, for both injections), and the checks that make it cheap
+     (keys/values not recomputed while sampling, kept in the UNet's dtype, no host reads added)
   c  CLAP encoding throughput, 10 s clips at batch 1 and 8 (clips/s; mel front end included)
   d  memory the audio modules add (cuda: measured peaks; cpu: bytes of what stays resident)
   e  a re-queued identical graph through a real ComfyUI server: milliseconds spent in our nodes
@@ -18,8 +18,9 @@ SD1.5 UNet architecture (random weights) at 512x512, 20 steps, on cuda in the dt
 
     .venv/bin/python bench/bench.py [--full] [--reps 5] [--steps N] [--size PX] [--sections abcde]
 
-This folds in ``tools/time_model_injection.py`` (the adapter's own timing): the same model build,
-interleaving, process-CPU column and UNet-forward-only figure, as section b.
+Built on ``tools/time_model_injection.py`` (the adapter's own timing): its SD1.5 config and module
+loader are imported; its interleaved sampling, process-CPU column, UNet-forward-only times and
+FLOP count are section b here, extended to the conditioning injection.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import importlib
 import json
 import os
 import platform
@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,19 +47,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from tools import test_models as tm  # noqa: E402
+from tools.time_model_injection import SD15_UNET, pack_module  # noqa: E402  (the adapter's own timing)
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results.json"
 MB = 1024 * 1024
 CLIP_SECONDS = 10.0
-
-#: ComfyUI's SD15 unet_config (what CheckpointLoaderSimple detects for a real SD1.5 file).
-SD15_UNET = dict(
-    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2] * 4,
-    channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
-    context_dim=768, num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
-    use_linear_in_transformer=False, legacy=False,
-)  # fmt: skip
 
 # The pack's node classes: every node id that starts with this is ours.
 OUR_NODE_PREFIX = "C2D_"
@@ -68,15 +59,6 @@ OUR_NODE_PREFIX = "C2D_"
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def pack_module(name: str) -> types.ModuleType:
-    """The pack's module as ComfyUI imports it (a package, so its relative imports work)."""
-    if "clap2diffusion_pack" not in sys.modules:
-        package = types.ModuleType("clap2diffusion_pack")
-        package.__path__ = [str(REPO_ROOT)]
-        sys.modules["clap2diffusion_pack"] = package
-    return importlib.import_module(f"clap2diffusion_pack.{name}")
 
 
 def median(values: list[float]) -> float:
@@ -296,37 +278,65 @@ def section_sampling(s: Setup, sections: str) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def section_forward(s: Setup, n: int) -> dict[str, Any]:
-    """One CFG step's UNet forward (uncond + cond rows), plain / model injection, interleaved.
+def section_forward(s: Setup, n: int, sections: str) -> dict[str, Any]:
+    """One CFG step's UNet forward (uncond + cond rows) per variant: FLOPs, and times interleaved.
 
-    The minimum is the figure least disturbed by other processes on a shared machine."""
+    FLOPs (torch's FlopCounterMode, SDPA on its math backend so that the counter sees it, as in
+    tools/time_model_injection.py) do not depend on the machine's load. Of the times, the minimum
+    is the figure least disturbed by other processes on a shared machine. The conditioning variant
+    has the audio tokens in the cond rows' context and the uncond rows' context repeated to the
+    same length, as ComfyUI batches them."""
     import comfy.model_management
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
 
     comfy.model_management.load_models_gpu([s.patched])
     unet = s.patched.model.diffusion_model
     b = s.latent.shape[0]
     dev, dtype = s.patched.load_device, s.patched.model.get_dtype()
     x = torch.randn(2 * b, *s.latent.shape[1:]).to(dev, dtype)
-    context = torch.cat([s.negative[0][0].expand(b, -1, -1), s.positive[0][0].expand(b, -1, -1)]).to(dev, dtype)
+    negative, text = s.negative[0][0], s.positive[0][0]
+    with_audio = s.positive_audio[0][0]
+    contexts = {
+        "plain": torch.cat([negative.expand(b, -1, -1), text.expand(b, -1, -1)]).to(dev, dtype),
+        "conditioning": torch.cat([
+            negative.repeat(1, with_audio.shape[1] // negative.shape[1], 1).expand(b, -1, -1),
+            with_audio.expand(b, -1, -1),
+        ]).to(dev, dtype),
+    }  # fmt: skip
+    contexts["model"] = contexts["plain"]
     t = torch.full((2 * b,), 500.0, device=dev)
     base = {"cond_or_uncond": [1, 0], "sigmas": torch.full((2 * b,), 1.0, device=dev)}
-    options = {"plain": dict(base), "model": {**s.patched.model_options["transformer_options"], **base}}
+    options = {"plain": dict(base), "conditioning": dict(base),
+               "model": {**s.patched.model_options["transformer_options"], **base}}
+    names = ["plain"] + [name for name, sec in (("conditioning", "a"), ("model", "b")) if sec in sections]
 
-    def forward(name: str) -> Callable[[], tuple[float, float]]:
+    def forward(name: str) -> None:
+        unet(x, timesteps=t, context=contexts[name], transformer_options=dict(options[name]))
+
+    flops: dict[str, int] = {}
+    for name in names:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            forward(name)
+        flops[name] = counter.get_total_flops()
+
+    def timed(name: str) -> Callable[[], tuple[float, float]]:
         def run() -> tuple[float, float]:
             with Timer(s.cuda) as timer:
-                unet(x, timesteps=t, context=context, transformer_options=dict(options[name]))
+                forward(name)
             return timer.wall, timer.cpu
 
         return run
 
-    times = interleaved({name: forward(name) for name in options}, n, 2)
-    out = {
-        "seconds": {name: {"min": min(tt["wall"]), "median": median(tt["wall"])} for name, tt in times.items()},
-        "model_vs_plain_min": min(times["model"]["wall"]) / min(times["plain"]["wall"]),
-        "model_vs_plain_median": median(times["model"]["wall"]) / median(times["plain"]["wall"]),
-        "forwards": n,
-    }
+    out: dict[str, Any] = {"gflops": {name: flops[name] / 1e9 for name in names}, "forwards": n}
+    for name in names[1:]:
+        out[f"{name}_flops_ratio"] = flops[name] / flops["plain"]
+    if n:
+        times = interleaved({name: timed(name) for name in names}, n, 2)
+        out["seconds"] = {name: {"min": min(tt["wall"]), "median": median(tt["wall"])} for name, tt in times.items()}
+        for name in names[1:]:
+            out[f"{name}_vs_plain_min"] = min(times[name]["wall"]) / min(times["plain"]["wall"])
+            out[f"{name}_vs_plain_median"] = median(times[name]["wall"]) / median(times["plain"]["wall"])
     return out
 
 
@@ -671,9 +681,12 @@ def table(results: dict[str, Any]) -> str:
                      f"{r['wall_ratio_of_medians']:.3f} (paired {r['wall_median_paired_ratio']:.3f}): "
                      "+1 host read of sigma per UNet call"))
     fwd = results.get("unet_forward")
-    if fwd:
-        rows.append(("    UNet forward alone, model / plain",
-                     f"{fwd['model_vs_plain_min']:.3f} (min of {fwd['forwards']}), {fwd['model_vs_plain_median']:.3f} (median)"))
+    for name in ("conditioning", "model"):
+        if fwd and f"{name}_flops_ratio" in fwd:
+            timing = (f"; time {fwd[f'{name}_vs_plain_min']:.3f} (min of {fwd['forwards']}), "
+                      f"{fwd[f'{name}_vs_plain_median']:.3f} (median)") if fwd["forwards"] else ""
+            rows.append((f"    UNet forward alone, {name} / plain",
+                         f"FLOPs {fwd[f'{name}_flops_ratio']:.4f}{timing}"))
     chk = results.get("checks")
     if chk:
         added = chk["events_added_per_run"]["model"]
@@ -785,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
 
     for key in ("conditioning_overhead_ratio", "model_overhead_ratio", "clap_clips_per_s",
-                "audio_modules_peak_mem_mb", "requeue_our_nodes_ms"):
+                "audio_modules_peak_mem_mb", "requeue_our_nodes_ms", "conditioning_flops_ratio", "model_flops_ratio"):
         results[key] = None
     if setup and set(args.sections) & set("ab"):
         results["sampling"] = section_sampling(setup, args.sections)
@@ -793,8 +806,11 @@ def main(argv: list[str] | None = None) -> int:
             results["conditioning_overhead_ratio"] = results["sampling"]["conditioning_vs_plain"]["wall_ratio_of_medians"]
         if "b" in args.sections:
             results["model_overhead_ratio"] = results["sampling"]["model_vs_plain"]["wall_ratio_of_medians"]
-            if args.forwards:
-                results["unet_forward"] = section_forward(setup, args.forwards)
+        results["unet_forward"] = section_forward(setup, args.forwards, args.sections)
+        for name in ("conditioning", "model"):
+            if f"{name}_flops_ratio" in results["unet_forward"]:
+                results[f"{name}_flops_ratio"] = results["unet_forward"][f"{name}_flops_ratio"]
+        if "b" in args.sections:
             results["checks"] = section_checks(setup)
     if setup and "c" in args.sections:
         batches = [int(b) for b in args.clap_batches.split(",") if b.strip()]
