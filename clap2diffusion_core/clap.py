@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -324,10 +325,13 @@ def _torch_load(path: str) -> Mapping:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's message goes on to explain how to load it unsafely: keep only what it found.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        detail = f"it asks for {found.group(1)}" if found else str(err).splitlines()[0]
         raise ClapError(
             f"Refusing to load {os.path.basename(path)!r}: it is a pickle that needs Python code to "
-            f"load, and running code from a model file is unsafe. Re-save only its weights "
-            f"(torch.save(ckpt['state_dict'], ...)) or use a safetensors file. Detail: {err}"
+            f"load ({detail}), and running code from a model file is unsafe. Re-save only its weights "
+            f"(torch.save(ckpt['state_dict'], ...)) or use a safetensors file."
         ) from None
     except Exception as err:  # noqa: BLE001 - zip/pickle corruption
         raise ClapError(f"Cannot read {os.path.basename(path)!r} as a PyTorch checkpoint: {err}") from None
