@@ -10,7 +10,7 @@ server must keep serving and the good graph must give the reference image again.
 from __future__ import annotations
 
 import io
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +64,20 @@ def reference(comfy_server: ComfyServer) -> Reference:
 
 
 @pytest.fixture(scope="module")
-def corpus(comfy_server: ComfyServer) -> Corpus:
-    return Corpus(comfy_server)
+def corpus(comfy_server: ComfyServer) -> Iterator[Corpus]:
+    corpus = Corpus(comfy_server)
+    yield corpus
+    for name in corpus.images:  # leave the input folder as the session found it
+        (comfy_server.input_dir / name).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def written(comfy_server: ComfyServer) -> Iterator[list[Path]]:
+    """Files a test writes into the input folder; removed after it."""
+    paths: list[Path] = []
+    yield paths
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def test_robust_yardstick_two_different_sounds_give_clearly_different_images(corpus: Corpus) -> None:
@@ -75,8 +87,9 @@ def test_robust_yardstick_two_different_sounds_give_clearly_different_images(cor
 
 @pytest.mark.parametrize("case", SOUNDS, ids=lambda case: case.name)
 def test_robust_sound(case: SoundCase, comfy: ComfyClient, comfy_server: ComfyServer, corpus: Corpus,
-                      reference: Reference) -> None:
+                      reference: Reference, written: list[Path]) -> None:
     path = comfy_server.input_dir / case.name
+    written.append(path)
     case.write(path)
     prompt = fresh(graph(case.name, save_audio=case.roundtrip).prompt())
 
@@ -115,23 +128,20 @@ def test_robust_sound(case: SoundCase, comfy: ComfyClient, comfy_server: ComfySe
 # file names: Load Audio reads only from the input folder
 
 
-def _outside(server: ComfyServer) -> Path:
-    """A real sound file next to (not inside) the input folder."""
-    path = server.base_dir / "robust_outside.wav"
-    if not path.exists():
-        TWINS[REFERENCE].write(path)
-    return path
-
-
-def _escape_cases(server: ComfyServer) -> dict[str, tuple[str, tuple[str, ...]]]:
-    outside = _outside(server)
-    inside = server.input_dir / "thunder.wav"
-    link_out = server.input_dir / "robust_link_out.wav"
-    link_dir = server.input_dir / "robust_link_dir"
-    for link, target in ((link_out, outside), (link_dir, outside.parent)):
-        if not link.is_symlink():
-            link.symlink_to(target)
-    return {
+@pytest.fixture(scope="module")
+def escapes(comfy_server: ComfyServer) -> Iterator[dict[str, tuple[str, tuple[str, ...]]]]:
+    """Names that try to leave the input folder, and what the refusal must say. A real sound lies
+    next to the input folder, and two symlinks inside it point out (removed afterwards: a link to
+    a folder above would loop any recursive listing of the input folder)."""
+    outside = comfy_server.base_dir / "robust_outside.wav"
+    TWINS[REFERENCE].write(outside)
+    inside = comfy_server.input_dir / "thunder.wav"
+    links = {comfy_server.input_dir / "robust_link_out.wav": outside,
+             comfy_server.input_dir / "robust_link_dir": outside.parent}  # fmt: skip
+    for link, target in links.items():
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    yield {
         "dotdot": ("../robust_outside.wav", ("outside comfyui's input folder", "refusing")),
         "dotdot_nested": ("robust_sub/../../robust_outside.wav", ("outside comfyui's input folder",)),
         "absolute_outside": (str(outside), ("must be a name inside the input folder",)),
@@ -141,6 +151,9 @@ def _escape_cases(server: ComfyServer) -> dict[str, tuple[str, tuple[str, ...]]]
         "nul_byte": ("robust\x00.wav", ("nul", "robust")),
         "missing": ("robust_never_uploaded.wav", ("not in comfyui's input folder", "upload it first")),
     }
+    for link in links:
+        link.unlink(missing_ok=True)
+    outside.unlink(missing_ok=True)
 
 
 ESCAPES = ["dotdot", "dotdot_nested", "absolute_outside", "absolute_inside", "symlink_to_file_outside",
@@ -148,10 +161,9 @@ ESCAPES = ["dotdot", "dotdot_nested", "absolute_outside", "absolute_inside", "sy
 
 
 @pytest.mark.parametrize("kind", ESCAPES)
-def test_robust_load_audio_refuses_names_outside_the_input_folder(kind: str, comfy: ComfyClient,
-                                                                   comfy_server: ComfyServer,
+def test_robust_load_audio_refuses_names_outside_the_input_folder(kind: str, escapes: dict, comfy: ComfyClient,
                                                                    reference: Reference) -> None:
-    name, message = _escape_cases(comfy_server)[kind]
+    name, message = escapes[kind]
     err = rejected(comfy, fresh(graph(name).prompt()))  # HTTP 400 at validation: nothing ran
     assert set(err.node_errors) == {NODE["load_audio"]}, err.node_errors
     assert_message(node_error_text(err, NODE["load_audio"]), *message)
@@ -161,6 +173,9 @@ def test_robust_load_audio_refuses_names_outside_the_input_folder(kind: str, com
 def test_robust_load_audio_follows_a_symlink_that_stays_inside(comfy: ComfyClient, comfy_server: ComfyServer,
                                                               reference: Reference) -> None:
     link = comfy_server.input_dir / "robust_link_in.wav"
-    if not link.is_symlink():
-        link.symlink_to(os.path.join(".", "thunder.wav"))
-    assert np.array_equal(image_of(comfy, fresh(graph(link.name).prompt())), reference.image)
+    link.unlink(missing_ok=True)
+    link.symlink_to("thunder.wav")  # relative: inside the input folder
+    try:
+        assert np.array_equal(image_of(comfy, fresh(graph(link.name).prompt())), reference.image)
+    finally:
+        link.unlink()
