@@ -107,6 +107,8 @@ def test_robust_sound(case: SoundCase, comfy: ComfyClient, comfy_server: ComfySe
     assert len(images) == 1
     image = images[0].astype(np.int16)
     twin = corpus.image(case.twin)
+    print(f"\n[robust] {case.name}: distance to {case.twin} {distance(image, twin):.4f} "
+          f"(yardstick {corpus.yardstick:.3f})")
     if case.exact:
         assert np.array_equal(image, twin), f"{case.what}: differs from {case.twin} by {distance(image, twin):.4f}"
     else:
