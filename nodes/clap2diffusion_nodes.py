@@ -51,9 +51,7 @@ class Clap2DiffusionLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, clap2diffusion_name: str) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise(
-            "clap2diffusion", clap2diffusion_name
-        )
+        path = folder_paths.get_full_path_or_raise("clap2diffusion", clap2diffusion_name)
         # The decomposer and projector are small (about 2.5M parameters) and run once per sound: keep
         # them on the CPU. Stage 2/3 adapters are moved with the UNet by the model patch.
         return io.NodeOutput(load_checkpoint(path, device="cpu"))
@@ -83,40 +81,17 @@ class HierarchicalDecompose(io.ComfyNode):
             category=types.CATEGORY,
             description="Splits a CLAP embedding into foreground, background and ambience tokens.",
             inputs=[
-                types.Clap2DiffusionModel.Input(
-                    "clap2diffusion", tooltip="From CLAP2Diffusion Loader."
-                ),
+                types.Clap2DiffusionModel.Input("clap2diffusion", tooltip="From CLAP2Diffusion Loader."),
                 types.ClapEmbeds.Input(
                     "clap_embeds",
                     tooltip="From CLAP Encode: one embedding per sound or window.",
                 ),
-                io.Float.Input(
-                    "foreground",
-                    default=1.0,
-                    min=0.0,
-                    max=4.0,
-                    step=0.05,
-                    tooltip=level.format(
-                        "foreground (events: thunder, a bark, an engine)"
-                    ),
-                ),
-                io.Float.Input(
-                    "background",
-                    default=1.0,
-                    min=0.0,
-                    max=4.0,
-                    step=0.05,
-                    tooltip=level.format("background (scenes: rain, crowd, traffic)"),
-                ),
-                io.Float.Input(
-                    "ambience",
-                    default=1.0,
-                    min=0.0,
-                    max=4.0,
-                    step=0.05,
-                    tooltip=level.format(
-                        "ambience (mood and space: eerie, a quiet room)"
-                    ),
+                *types.level_inputs(
+                    {
+                        "foreground": level.format("foreground (events: thunder, a bark, an engine)"),
+                        "background": level.format("background (scenes: rain, crowd, traffic)"),
+                        "ambience": level.format("ambience (mood and space: eerie, a quiet room)"),
+                    }
                 ),
                 io.Float.Input(
                     "temperature",
@@ -130,9 +105,7 @@ class HierarchicalDecompose(io.ComfyNode):
                 ),
             ],
             outputs=[
-                types.AudioLevels.Output(
-                    display_name="audio_levels", tooltip="For Audio Project."
-                ),
+                types.AudioLevels.Output(display_name="audio_levels", tooltip="For Audio Project."),
             ],
         )
 
@@ -160,11 +133,7 @@ class AudioProject(io.ComfyNode):
             display_name="Audio Project",
             category=types.CATEGORY,
             description="Projects the decomposed sound to 77 cross-attention tokens (mean norm 60 by default).",
-            inputs=[
-                types.AudioLevels.Input(
-                    "audio_levels", tooltip="From Hierarchical Decompose."
-                )
-            ],
+            inputs=[types.AudioLevels.Input("audio_levels", tooltip="From Hierarchical Decompose.")],
             outputs=[
                 types.AudioTokens.Output(
                     display_name="audio_tokens",

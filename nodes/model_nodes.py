@@ -39,18 +39,11 @@ class ApplyAudioToModel(io.ComfyNode):
                     "end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                     tooltip="Sampling progress after which the sound stops acting (1 = last step).",
                 ),
-                io.Float.Input(
-                    "foreground", default=1.0, min=0.0, max=4.0, step=0.05,
-                    tooltip=level.format("foreground (events: thunder, a bark); routed mostly to the last blocks"),
-                ),
-                io.Float.Input(
-                    "background", default=1.0, min=0.0, max=4.0, step=0.05,
-                    tooltip=level.format("background (scenes: rain, crowd); routed mostly to the middle blocks"),
-                ),
-                io.Float.Input(
-                    "ambience", default=1.0, min=0.0, max=4.0, step=0.05,
-                    tooltip=level.format("ambience (mood, space); routed mostly to the first blocks"),
-                ),
+                *types.level_inputs({
+                    "foreground": level.format("foreground (events: thunder, a bark); routed mostly to the last blocks"),
+                    "background": level.format("background (scenes: rain, crowd); routed mostly to the middle blocks"),
+                    "ambience": level.format("ambience (mood, space); routed mostly to the first blocks"),
+                }),
             ],
             outputs=[
                 io.Model.Output(

@@ -14,3 +14,11 @@ AudioLevels = io.Custom("AUDIO_LEVELS")
 AudioTokens = io.Custom("AUDIO_TOKENS")
 
 CATEGORY = "audio/clap2diffusion"
+
+
+def level_inputs(tooltips: dict[str, str]) -> list[io.Float.Input]:
+    """The foreground / background / ambience weight widgets (same range on every node), in that order."""
+    return [
+        io.Float.Input(level, default=1.0, min=0.0, max=4.0, step=0.05, tooltip=tooltips[level])
+        for level in ("foreground", "background", "ambience")
+    ]
