@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from clap_support import word_tokenizer
 from safetensors.torch import save_file
-from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, PreTrainedTokenizerFast
+from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
 from clap2diffusion_core.audio import WINDOW_SAMPLES, AudioError
 from clap2diffusion_core.clap import ClapEncoder, ClapError, MelConfig, _features, load_clap
@@ -38,23 +39,10 @@ def small_config(fused: bool = False) -> ClapConfig:
     return ClapConfig(audio_config=audio, text_config=text, projection_dim=512)
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(scope="module")
 def encoder() -> ClapEncoder:
     torch.manual_seed(0)
-    return ClapEncoder(ClapModel(small_config()).eval(), word_tokenizer())
+    return ClapEncoder(ClapModel(small_config()).eval(), word_tokenizer(WORDS))
 
 
 def noise(*shape: int, seed: int = 0) -> torch.Tensor:

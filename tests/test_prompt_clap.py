@@ -13,7 +13,8 @@ import copy
 import comfy_pack
 import pytest
 import torch
-from transformers import ClapConfig, ClapModel, PreTrainedTokenizerFast
+from clap_support import word_tokenizer
+from transformers import ClapConfig, ClapModel
 
 from clap2diffusion_core.clap import ClapEncoder
 from clap2diffusion_core.prompt import LabelEmbeddingCache, describe_audio, model_fingerprint
@@ -31,19 +32,6 @@ VOCABULARY = Vocabulary(
 )
 WORDS = "<s> <pad> </s> <unk> the sound of thunder dog bark rain crowd quiet room jazz".split()
 RATE = 48_000
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 def small_clap() -> ClapModel:
@@ -65,7 +53,7 @@ def sounds() -> torch.Tensor:
 def encoder() -> ClapEncoder:
     """A CLAP that hears sound A as thunder and sound B as rain, by construction."""
     torch.manual_seed(0)
-    encoder = ClapEncoder(small_clap(), word_tokenizer())
+    encoder = ClapEncoder(small_clap(), word_tokenizer(WORDS))
     # A random text tower maps every text to nearly one direction (cosines above 0.99): centre its
     # projection on the vocabulary, so the labels spread out as a trained CLAP's do.
     text_projection = encoder.model.text_projection.linear2
