@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from comfy_api.latest import ComfyExtension, io
+from .api import ComfyExtension, io
 
 logger = logging.getLogger(__name__)
 

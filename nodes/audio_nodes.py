@@ -7,10 +7,10 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io, ui
 
 from ..clap2diffusion_core.audio import load_audio_file, validate_waveform
 from . import types
+from .api import io, ui
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import folder_paths
 import torch
-from comfy_api.latest import io, ui
 
 from ..clap2diffusion_core.checkpoint import load_checkpoint
 from ..clap2diffusion_core.model import CLAP2DiffusionModel
 from ..clap2diffusion_core.preview import render_levels
 from ..clap2diffusion_core.types import AudioLevels
 from . import types
+from .api import io, ui
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ import comfy.utils
 import folder_paths
 import torch
 from comfy.model_patcher import ModelPatcher
-from comfy_api.latest import io
 
 from ..clap2diffusion_core.audio import validate_waveform
 from ..clap2diffusion_core.clap import CHECKPOINT_EXTENSIONS, EMBED_MODES, ClapEncoder, load_clap
 from . import types
+from .api import io
 
 log = logging.getLogger(__name__)
 

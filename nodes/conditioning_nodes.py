@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..clap2diffusion_core.checkpoint import check_context_dim
 from ..clap2diffusion_core.conditioning import append_audio_tokens
 from ..clap2diffusion_core.types import AudioTokens
 from . import types
+from .api import io
 
 
 class ApplyAudioToConditioning(io.ComfyNode):

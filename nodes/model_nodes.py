@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from comfy.model_patcher import ModelPatcher
-from comfy_api.latest import io
 
 from ..clap2diffusion_core.types import AudioTokens
 from . import types
+from .api import io
 from .model_patch import apply_audio_to_model
 
 

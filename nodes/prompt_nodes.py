@@ -6,7 +6,6 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io, ui
 
 from ..clap2diffusion_core.audio import validate_waveform
 from ..clap2diffusion_core.clap import EMBED_MODES
@@ -19,6 +18,7 @@ from ..clap2diffusion_core.prompt import (
     render_scores,
 )
 from . import types
+from .api import io, ui
 from .clap_nodes import ClapModelHandle
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """ComfyUI socket types this pack adds, in one place so every node module agrees on the names."""
 
-from comfy_api.latest import io
+from .api import io
 
 #: A loaded CLAP model (``nodes.clap_nodes.ClapModelHandle``).
 ClapModel = io.Custom("CLAP_MODEL")
