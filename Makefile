@@ -47,7 +47,8 @@ lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
 
 train-smoke: $(STAMP)  ## train all three stages on CPU on generated sounds (a few minutes); prints JSON last
-	$(PY) -m clap2diffusion_core.training smoke --out out/train-smoke $(TRAIN_SMOKE_ARGS)
+	@paths=($$($(PY) tools/test_models.py --print sd15_checkpoint clap_folder)) && set -x && \
+	$(PY) -m clap2diffusion_core.training smoke --out out/train-smoke --sd15 $${paths[0]} --clap $${paths[1]} $(TRAIN_SMOKE_ARGS)
 
 bench: $(STAMP)  ## what sound costs on top of text (CPU: a few minutes; --full on a GPU); writes bench/results.json
 	$(PY) bench/bench.py $(BENCH_ARGS)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gc
 import json
@@ -50,6 +51,7 @@ from tools import test_models as tm  # noqa: E402
 from tools.time_model_injection import SD15_UNET, pack_module  # noqa: E402  (the adapter's own timing)
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results.json"
+REQUEUE_WORKFLOW = REPO_ROOT / "example_workflows" / "audio_adapter.json"
 MB = 1024 * 1024
 CLIP_SECONDS = 10.0
 
@@ -591,9 +593,10 @@ def section_memory(s: Setup) -> dict[str, Any]:
 
 
 def section_requeue(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    import graphs
-    from comfy_server import ComfyServer, make_base_dir
+    """example_workflows/audio_adapter.json (the sound through Apply Audio to Model) queued three
+    times: first, identical again, new seed. The shipped workflow, so the bench follows its wiring."""
+    from tools.comfy_server import ComfyServer, make_base_dir
+    from tools.run_workflow import rewrite_files, shrink_for_random_models, ui_to_api
 
     testing = pack_module("clap2diffusion_core.testing")
     models = tm.build_all()
@@ -604,54 +607,47 @@ def section_requeue(args: argparse.Namespace) -> dict[str, Any]:
     testing.random_checkpoint(folder / stage2, stage=2, seed=11, layout="tiny")
     make_base_dir(base, {"checkpoints": [models.sd15_checkpoint], "clap": [models.clap_folder]},
                   inputs=list(models.sounds.values()))
-    # The README's graph with both injections: the sound through Apply Audio to Conditioning and
-    # Apply Audio to Model, one KSampler, VAE decode, save.
-    g = graphs.Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=graphs.CHECKPOINT)
-    positive = g.node("CLIPTextEncode", clip=ckpt[1], text="a beach").out
-    negative = g.node("CLIPTextEncode", clip=ckpt[1], text="blurry, low quality").out
-    tokens = graphs.audio_tokens(g, "thunder.wav", clap2diffusion=stage2)
-    positive = g.node("C2D_ApplyAudioToConditioning", conditioning=positive, audio_tokens=tokens.out,
-                      strength=1.0).out
-    model = g.node("C2D_ApplyAudioToModel", model=ckpt[0], audio_tokens=tokens.out, strength=1.0,
-                   start_percent=0.0, end_percent=1.0, foreground=1.0, background=1.0, ambience=1.0).out
-    graphs.sample(g, model, ckpt, positive, negative, seed=42, steps=args.server_steps,
-                            size=args.server_size, prefix="bench")
-    ours = {nid for nid, node in g.nodes.items() if node["class_type"].startswith(OUR_NODE_PREFIX)}
-
-    def our_ms(execution) -> float:  # noqa: ANN001
-        return 1000 * sum(sec for nid, sec in execution.node_times.items() if nid in ours)
+    workflow = json.loads(REQUEUE_WORKFLOW.read_text())
 
     server = ComfyServer(base)
     try:
         server.start()
         client = server.client
-        first = client.execute(g.prompt())
-        second = client.execute(g.prompt())  # identical: ComfyUI's cache should answer for everything
-        g.set(_ksampler_id(g), seed=43)
-        third = client.execute(g.prompt())  # new seed: our nodes cached, sampling runs again
+        info = client.object_info()
+        prompt = ui_to_api(workflow, info)
+        rewrite_files(prompt, info, [models.sd15_checkpoint.name, models.clap_folder.name, stage2, "thunder.wav"])
+        shrink_for_random_models(prompt, size=args.server_size, steps=args.server_steps)
+        ours = {nid for nid, node in prompt.items() if node["class_type"].startswith(OUR_NODE_PREFIX)}
+        first = client.execute(prompt)
+        second = client.execute(prompt)  # identical: ComfyUI's cache should answer for everything
+        new_seed = copy.deepcopy(prompt)
+        next(n for n in new_seed.values() if n["class_type"] == "KSampler")["inputs"]["seed"] += 1
+        third = client.execute(new_seed)  # new seed: our nodes cached, sampling runs again
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+    def our_ms(execution) -> float:  # noqa: ANN001
+        return 1000 * sum(sec for nid, sec in execution.node_times.items() if nid in ours)
+
+    def kinds(node_ids) -> list[str]:  # noqa: ANN001
+        return sorted(prompt[n]["class_type"] for n in node_ids)
+
     return {
-        "our_nodes": sorted(g.nodes[nid]["class_type"] for nid in ours),
+        "our_nodes": kinds(ours),
         "first_run_our_nodes_ms": our_ms(first),
-        "first_run_node_ms": {g.nodes[n]["class_type"]: round(1000 * sec, 1) for n, sec in first.node_times.items()},
+        "first_run_node_ms": {prompt[n]["class_type"]: round(1000 * sec, 1) for n, sec in first.node_times.items()},
         "first_run_seconds": first.seconds,
         "requeue_our_nodes_ms": our_ms(second),
-        "requeue_our_nodes_executed": sorted(g.nodes[n]["class_type"] for n in second.node_times if n in ours),
-        "requeue_our_nodes_cached": sorted(g.nodes[n]["class_type"] for n in second.cached_nodes if n in ours),
+        "requeue_our_nodes_executed": kinds(n for n in second.node_times if n in ours),
+        "requeue_our_nodes_cached": kinds(n for n in second.cached_nodes if n in ours),
         "requeue_seconds": second.seconds,
         "new_seed_our_nodes_ms": our_ms(third),
-        "new_seed_nodes_executed": sorted(g.nodes[n]["class_type"] for n in third.node_times),
+        "new_seed_nodes_executed": kinds(third.node_times),
         "new_seed_seconds": third.seconds,
         "server_startup_seconds": server.startup_seconds,
-        "graph": f"{args.server_size} px, {args.server_steps} euler steps, tiny SD1.5 test checkpoint",
+        "graph": f"{REQUEUE_WORKFLOW.name}, {args.server_size} px, {args.server_steps} steps, tiny SD1.5 test checkpoint",
     }
-
-
-def _ksampler_id(g) -> str:  # noqa: ANN001
-    return next(nid for nid, node in g.nodes.items() if node["class_type"] == "KSampler")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from comfy_server import ComfyClient, ComfyServer, make_base_dir
 
 from tools import test_models as tm
+from tools.comfy_server import ComfyClient, ComfyServer, make_base_dir
 
 # No hub here: fail at once instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

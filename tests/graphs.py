@@ -6,10 +6,10 @@ import io
 from pathlib import Path
 
 import numpy as np
-from comfy_server import ComfyClient, Graph, NodeRef
 from PIL import Image
 
 from tools import test_models as tm
+from tools.comfy_server import ComfyClient, Graph, NodeRef
 
 CHECKPOINT = Path(tm.SD15_CHECKPOINT).name
 CLAP = Path(tm.CLAP_FOLDER).name

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from comfy_server import ComfyClient, ComfyServer, ExecutionFailed, Graph, PromptRejected
 from graphs import CHECKPOINT, CLAP, CLAP2DIFFUSION, saved_images
+
+from tools.comfy_server import ComfyClient, ComfyServer, ExecutionFailed, Graph, PromptRejected
 
 SIZE = 64  # px: the image itself is not the point, the server's behaviour is
 STEPS = 1

@@ -352,7 +352,7 @@ def test_load_audio_node_reports_unreadable_files(load_audio_node):
 
 
 def test_server_load_audio_feeds_core_save_audio_and_refuses_escapes(comfy, tmp_path):
-    from comfy_server import Graph, PromptRejected, uncached
+    from tools.comfy_server import Graph, PromptRejected, uncached
 
     sound = tmp_path / "c2d_tone.flac"
     sf.write(sound, tone(440, 22050, 1.0, channels=2), 22050)

@@ -22,10 +22,10 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 from browser_frontend import BENIGN_HTTP_PATHS, Frontend, PageLog, chromium_path
-from comfy_server import ComfyClient, ComfyServer, ExecutionFailed
 from PIL import Image
 
 from tools import test_models as tm
+from tools.comfy_server import ComfyClient, ComfyServer, ExecutionFailed
 from tools.run_workflow import QUICK_STEPS, ui_to_api
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from comfy_server import ComfyClient
 
+from tools.comfy_server import ComfyClient
 from tools.make_workflows import OUT_DIR, WORKFLOWS, build, dumps
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_server import ComfyClient, ComfyServer, Graph, NodeRef, uncached
 from PIL import Image
 
 from clap2diffusion_core.testing import random_checkpoint, random_model
 from tools import test_models as tm
+from tools.comfy_server import ComfyClient, ComfyServer, Graph, NodeRef, uncached
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +153,7 @@ def test_two_stacked_sounds_both_act(comfy: ComfyClient, stage2_files, plain) ->
 
 
 def test_a_stage_1_file_is_refused_with_a_message_that_says_what_to_do(comfy: ComfyClient, test_models) -> None:
-    from comfy_server import ExecutionFailed
+    from tools.comfy_server import ExecutionFailed
 
     stage1 = Path(tm.CLAP2DIFFUSION).name
     with pytest.raises(ExecutionFailed, match="stage 1.*Apply Audio to Conditioning"):

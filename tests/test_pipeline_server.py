@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from comfy_server import ComfyClient, uncached
 from graphs import CLAP, CLAP2DIFFUSION, audio_to_image, pixels, saved_images
+
+from tools.comfy_server import ComfyClient, uncached
 
 PACK_NODES = {
     "C2D_LoadAudio",

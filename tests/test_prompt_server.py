@@ -6,8 +6,9 @@ previews, core nodes downstream), not which words come out; test_prompt_clap.py 
 
 from __future__ import annotations
 
-from comfy_server import ComfyClient, Graph, NodeRef
 from graphs import CHECKPOINT, CLAP, pixels, sample
+
+from tools.comfy_server import ComfyClient, Graph, NodeRef
 
 
 def sound_to_words(g: Graph, sound: str, window_mode: str, template: str = "a beach at dusk, {audio}") -> NodeRef:

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from bad_inputs import CHECKPOINTS, CheckpointCase, Sources, write_hostile_pickle
-from comfy_server import ComfyClient, ComfyServer
 from graphs import CLAP, CLAP2DIFFUSION
 from robust_support import (
     NODE,
@@ -31,6 +30,7 @@ from robust_support import (
 )
 
 from tools import test_models as tm
+from tools.comfy_server import ComfyClient, ComfyServer
 
 pytestmark = pytest.mark.slow
 

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import requests
 from bad_inputs import write_long_noise
-from comfy_server import ComfyClient, ComfyServer, EventStream, ExecutionFailed
 from graphs import saved_images
 from robust_support import MB, NODE, PeakRss, Reference, fresh, graph, image_of, rss
 
 from tools import test_models as tm
+from tools.comfy_server import ComfyClient, ComfyServer, EventStream, ExecutionFailed
 
 ONE_HOUR = "robust_1h_16k.wav"
 LONG = "robust_200s_16k.wav"  # 20 windows: three batches for CLAP Encode

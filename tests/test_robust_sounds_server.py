@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 from bad_inputs import OTHER, REFERENCE, SOUNDS, TWINS, SoundCase
-from comfy_server import ComfyClient, ComfyServer
 from graphs import saved_images
 from robust_support import (
     NODE,
@@ -31,6 +30,8 @@ from robust_support import (
     rejected,
     run_failing,
 )
+
+from tools.comfy_server import ComfyClient, ComfyServer
 
 pytestmark = pytest.mark.slow
 

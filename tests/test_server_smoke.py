@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_server import ComfyClient, ComfyServer, ExecutionFailed, Graph, PromptRejected, uncached
 from PIL import Image
 
 from tools import test_models as tm
+from tools.comfy_server import ComfyClient, ComfyServer, ExecutionFailed, Graph, PromptRejected, uncached
 
 
 def text_to_image(seed: int = 42, text: str = "a beach, thunder in the distance") -> Graph:

@@ -15,12 +15,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from comfy_server import Graph
 from graphs import CHECKPOINT, audio_tokens, sample, saved_images
 from training_support import one_thread  # noqa: F401
 
 from clap2diffusion_core.checkpoint import load_checkpoint, read_metadata
 from clap2diffusion_core.training.smoke import run_smoke
+from tools.comfy_server import Graph
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from comfy_server import ComfyClient
 
+from tools.comfy_server import ComfyClient
 from tools.run_workflow import (
     WorkflowError,
     adapter_loaders,

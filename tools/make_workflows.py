@@ -624,8 +624,9 @@ def dumps(workflow: Mapping[str, Any]) -> str:
 
 
 def fetch_object_info(url: str | None) -> dict[str, Any]:
-    sys.path[:0] = [str(REPO_ROOT / "tests"), str(REPO_ROOT)]
-    from comfy_server import ComfyClient, ComfyServer, make_base_dir
+    if str(REPO_ROOT) not in sys.path:  # run as a script: make the `tools` package importable
+        sys.path.insert(0, str(REPO_ROOT))
+    from tools.comfy_server import ComfyClient, ComfyServer, make_base_dir
 
     if url:
         return ComfyClient(url).object_info()

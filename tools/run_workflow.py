@@ -388,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     total_start = time.monotonic()
 
-    sys.path[:0] = [str(REPO_ROOT / "tests"), str(REPO_ROOT)]
-    from comfy_server import ComfyServer
-
+    if str(REPO_ROOT) not in sys.path:  # run as a script: make the `tools` package importable
+        sys.path.insert(0, str(REPO_ROOT))
     from tools import test_models as tm
+    from tools.comfy_server import ComfyServer
 
     workflow_path: Path = args.workflow
     if not workflow_path.is_file():

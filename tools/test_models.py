@@ -612,8 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true",
                         help="load with ComfyUI / transformers and sample (slower)")
     parser.add_argument("--json", action="store_true", help="print the paths as JSON")
+    parser.add_argument("--print", dest="fields", nargs="+", metavar="FIELD",
+                        help="print only these paths, one a line (e.g. sd15_checkpoint clap_folder)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING if args.fields else logging.INFO, format="%(message)s")
 
     start = time.perf_counter()
     models = build_all(args.root, force=args.force)
@@ -624,7 +626,9 @@ def main(argv: list[str] | None = None) -> int:
         verify_controlnet(models.controlnet)
         verify_clap(models.clap_folder)
         log.info("verified in %.1fs", time.perf_counter() - start)
-    if args.json:
+    if args.fields:
+        print("\n".join(str(getattr(models, name)) for name in args.fields))
+    elif args.json:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else {n: str(p) for n, p in v.items()}
                               if isinstance(v, dict) else v)
                           for k, v in models.__dict__.items()}, indent=2))

@@ -5,7 +5,7 @@
     prepare             fill the feature cache from a manifest (resumable; any number of processes)
     train               run one or more stages from YAML configs (under `accelerate launch` for many GPUs)
     eval                caption retrieval of a CLAP2Diffusion file on a cached split
-    smoke               everything above on generated data and the random test models; prints JSON
+    smoke               everything above on generated data (`make train-smoke`: the random test models); prints JSON
 
 Run under ``accelerate launch [--num_processes N] [--cpu] -m clap2diffusion_core.training ...`` for
 several processes; plain ``python -m`` is one process.
@@ -74,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("smoke", help="the smoke run; prints one JSON line last")
     p.add_argument("--out", default="out/train-smoke")
-    p.add_argument("--sd15", help="default: the random tiny SD1.5 of tools/test_models.py")
-    p.add_argument("--clap", help="default: the random CLAP of tools/test_models.py")
+    # `make train-smoke` passes the random tiny models of tools/test_models.py: the core never imports tools.
+    p.add_argument("--sd15", required=True, help="single-file SD1.5 checkpoint (the tiny test one will do)")
+    p.add_argument("--clap", required=True, help="CLAP model: transformers folder or laion-clap .pt")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process: the models are tiny, so more threads mostly add overhead")
     p.add_argument("--no-progress", action="store_true")

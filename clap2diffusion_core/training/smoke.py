@@ -38,17 +38,6 @@ from .trainer import train_stage
 RESOLUTION = 64
 
 
-def test_model_paths() -> tuple[str, str]:
-    """The random tiny SD1.5 checkpoint and CLAP folder of ``tools/test_models.py`` (built on first
-    use); only in a checkout of the pack, where ``tools`` exists."""
-    try:
-        from tools import test_models
-    except ImportError as err:
-        raise RuntimeError("the smoke run needs --sd15 and --clap outside a checkout of the pack (no tools/)") from err
-    models = test_models.build_all()
-    return str(models.sd15_checkpoint), str(models.clap_folder)
-
-
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():
@@ -58,8 +47,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def run_smoke(
     out_dir: str | os.PathLike,
-    sd15: str | None = None,
-    clap: str | None = None,
+    sd15: str,
+    clap: str,
     *,
     per_kind: int = 4,
     overrides: dict[str, Any] | None = None,
@@ -76,10 +65,6 @@ def run_smoke(
     start = time.perf_counter()
     out = Path(out_dir)
     data, cache, run = out / "data", out / "cache", out / "run"
-    if sd15 is None or clap is None:
-        with state.main_process_first():  # one builder; the others then find the cache
-            default_sd15, default_clap = test_model_paths()
-        sd15, clap = sd15 or default_sd15, clap or default_clap
 
     # ---- data and features (each process encodes its share)
     if state.is_main_process:
