@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.clap2diffusion-setup
 COMFY  := $(if $(COMFYUI_PATH),$(COMFYUI_PATH),.comfyui)
 # Re-run setup when its inputs change, or when the ComfyUI copy has gone.
-SETUP_INPUTS := tools/setup.sh requirements.txt requirements-dev.txt $(wildcard requirements-nodeps.txt) $(if $(wildcard $(COMFY)/main.py),,FORCE)
+SETUP_INPUTS := tools/setup.sh requirements.txt requirements-train.txt requirements-dev.txt $(wildcard requirements-nodeps.txt) $(if $(wildcard $(COMFY)/main.py),,FORCE)
 
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=

