@@ -216,7 +216,7 @@ class Setup:
         ).result[0]
 
         start = time.perf_counter()
-        self.patched = self.patch.apply_audio_to_model(self.model, self.tokens)
+        self.patched = self.patch.apply_audio_to_model(self.model, self.c2d, self.tokens)
         self.apply_ms = (time.perf_counter() - start) * 1000
         replaces = self.patched.model_options["transformer_options"]["patches_replace"]["attn2"]
         self.injection = next(iter(replaces.values())).injection
@@ -233,7 +233,7 @@ class Setup:
         A start/end range other than 0..1 makes the patch test sigma once per UNet call (a host
         read: a device sync on cuda). Real ranges also switch the sound off in some steps, which
         would hide the read's cost; here the range is everything, so only the read differs."""
-        patched = self.patch.apply_audio_to_model(self.model, self.tokens)
+        patched = self.patch.apply_audio_to_model(self.model, self.c2d, self.tokens)
         replaces = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
         injection = next(iter(replaces.values())).injection
         injection.full_range = False  # sigma_range stays (inf, 0): every sigma is in range
@@ -520,7 +520,7 @@ def section_memory(s: Setup) -> dict[str, Any]:
         "clap2diffusion_model_mb": module_bytes(s.c2d) / MB,
         "adapter_mb": module_bytes(s.c2d.adapter) / MB,
         "audio_kv_mb": module_bytes(s.kv) / MB,
-        "audio_tokens_mb": (s.tokens.tokens.nbytes + s.tokens.uncond.nbytes) / MB,
+        "audio_tokens_mb": s.tokens.tokens.nbytes / MB,
         "unet_mb": module_bytes(s.model.model.diffusion_model) / MB,
     }
     out: dict[str, Any] = {"resident_bytes": resident}

@@ -39,8 +39,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
 from .config import ModuleConfig
+from .errors import CheckpointError
 from .levels import LEVELS, NUM_LEVELS
 
 #: ComfyUI block names in execution order.

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import CheckpointError
 from .model import BASE_FAMILIES, CLAP2DiffusionModel, ModelConfig
 
 FORMAT = "clap2diffusion"
@@ -33,8 +34,7 @@ STAGE_FILE_NAMES = {
 }
 
 
-class CheckpointError(ValueError):
-    """A file that is not a usable CLAP2Diffusion checkpoint; the message says what and what to do."""
+__all__ = ["CheckpointError", "check_context_dim", "load_checkpoint", "read_metadata", "save_checkpoint"]
 
 
 def build_metadata(config: ModelConfig) -> dict[str, str]:
@@ -180,7 +180,7 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path}: metadata {key}={metadata[key]} but its config says {value}"
             )
-    model = CLAP2DiffusionModel(config)
+    model = CLAP2DiffusionModel(config, name=os.path.basename(path))
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
@@ -193,15 +193,13 @@ def load_checkpoint(
     return model.to(device).eval().requires_grad_(False)
 
 
-def check_context_dim(
-    model: CLAP2DiffusionModel, context_dim: int, what: str = "this model"
-) -> None:
-    """Raise unless ``model`` was made for cross-attention of ``context_dim`` (768 for SD1.5)."""
-    if model.config.context_dim == context_dim:
+def check_context_dim(made_for: int, context_dim: int, what: str = "this model") -> None:
+    """Raise unless data made for cross-attention of ``made_for`` fits ``context_dim`` (768 for SD1.5)."""
+    if made_for == context_dim:
         return
     family = {v: k for k, v in BASE_FAMILIES.items()}
     raise CheckpointError(
-        f"CLAP2Diffusion file made for {model.config.base_family} (context_dim {model.config.context_dim}) "
+        f"CLAP2Diffusion file made for {family.get(made_for, 'an unknown family')} (context_dim {made_for}) "
         f"but {what} expects context_dim {context_dim} ({family.get(context_dim, 'unknown family')}). "
         "Use a CLAP2Diffusion file trained for this base model."
     )

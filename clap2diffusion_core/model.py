@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from .adapters import AdapterConfig, AudioAdapter
 from .decomposer import DecomposerConfig, HierarchicalDecomposer
+from .errors import WiringError
 from .projector import AudioProjector, ProjectorConfig
-from .types import AudioLevels, AudioTokens
+from .types import AudioLevels, AudioTokens, fingerprint
 
 #: Base model families a file can be made for, with the context size of their cross-attention.
 BASE_FAMILIES: dict[str, int] = {"sd15": 768, "sd2": 1024, "sdxl": 2048}
@@ -24,8 +27,8 @@ class ModelConfig:
     stage: int = 1
     decomposer: DecomposerConfig = dataclasses.field(default_factory=DecomposerConfig)
     projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
-    #: ``clap2diffusion_core.adapters.AdapterConfig`` for stage 2/3 files, else None.
-    adapter: Any = None
+    #: The gated audio cross-attention layers of stage 2/3 files; None for stage 1.
+    adapter: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
         if self.decomposer.token_dim != self.projector.token_dim:
@@ -50,8 +53,6 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         adapter = data.get("adapter")
         if adapter is not None:
-            from .adapters import AdapterConfig
-
             adapter = AdapterConfig.from_dict(adapter)
         return cls(
             base_family=data["base_family"],
@@ -66,43 +67,64 @@ class CLAP2DiffusionModel(nn.Module):
     """Decomposer + projector (+ the gated audio cross-attention adapter after stage 2).
 
     ``encode`` turns CLAP embeddings into :class:`AudioLevels`, ``project`` turns those into
-    :class:`AudioTokens` carrying the tokens of silence for unconditional rows.
+    :class:`AudioTokens`; both are plain data naming this model by :attr:`fingerprint`. The
+    tokens of silence, which only the model injection uses, come from :meth:`silence_tokens`.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, name: str = "") -> None:
         super().__init__()
         self.config = config
+        #: The file it was loaded from (for messages); "" for a model built in memory.
+        self.name = name
         self.decomposer = HierarchicalDecomposer(config.decomposer)
         self.projector = AudioProjector(config.projector)
-        self.adapter: nn.Module | None = None
-        if config.adapter is not None:
-            from .adapters import AudioAdapter
-
-            self.adapter = AudioAdapter(config.adapter)
+        self.adapter: AudioAdapter | None = None if config.adapter is None else AudioAdapter(config.adapter)
+        self._fingerprint: str | None = None
 
     @property
     def device(self) -> torch.device:
         return self.projector.queries.device
 
-    @torch.no_grad()
-    def encode(
-        self, clap_embeds: torch.Tensor, temperature: float | None = None
-    ) -> AudioLevels:
-        """``clap_embeds [B, clap_dim]`` -> AudioLevels (inference: no grad)."""
-        return self.decomposer(clap_embeds.to(self.device, torch.float32), temperature)
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the weights (see :func:`~.types.fingerprint`). Computed once: an inference
+        model's weights do not change (training never asks for it)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.state_dict())
+        return self._fingerprint
 
     @torch.no_grad()
-    def silence_tokens(self) -> torch.Tensor:
-        """``[1, N, C]`` tokens of a zero CLAP embedding: what unconditional rows attend to."""
+    def encode(self, clap_embeds: torch.Tensor, temperature: float | None = None) -> AudioLevels:
+        """``clap_embeds [B, clap_dim]`` -> AudioLevels (inference: no grad)."""
+        levels = self.decomposer(clap_embeds.to(self.device, torch.float32), temperature)
+        return replace(levels, source=self.fingerprint)
+
+    def silence_tokens(self, temperature: float | None = None) -> torch.Tensor:
+        """``[1, N, C]`` tokens of a zero CLAP embedding: what unconditional rows attend to.
+
+        The one place they are computed: the model injection (no grad) and training (with grad,
+        at the annealed temperature) both call this.
+        """
         zeros = torch.zeros(1, self.config.decomposer.clap_dim, device=self.device)
-        return self.projector(self.decomposer(zeros))
+        return self.projector(self.decomposer(zeros, temperature))
 
     @torch.no_grad()
     def project(self, levels: AudioLevels) -> AudioTokens:
-        """AudioLevels -> AudioTokens ``[B, N, C]`` (with the silence tokens, computed once here)."""
+        """AudioLevels -> AudioTokens ``[B, N, C]`` carrying the levels' user weights, unapplied."""
+        if levels.source and levels.source != self.fingerprint:
+            raise WiringError(
+                f"these audio levels were made by another CLAP2Diffusion file (fingerprint {levels.source}) "
+                f"than the one given to Audio Project ({self.name or 'fingerprint'} {self.fingerprint}): wire "
+                "the same CLAP2Diffusion Loader into Hierarchical Decompose and Audio Project."
+            )
         return AudioTokens(
             tokens=self.projector(levels),
             token_levels=self.projector.token_levels.clone(),
-            uncond=self.silence_tokens(),
-            model=self,
+            level_scale=levels.level_scale.clone(),
+            source=self.fingerprint,
+            source_name=self.name,
         )
+
+    def check_tokens(self, tokens: AudioTokens, what: str = "this node") -> None:
+        """Raise :class:`WiringError` unless ``tokens`` were made by this model."""
+        tokens.check_source(self.fingerprint, self.name, what)

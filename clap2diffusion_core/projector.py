@@ -77,7 +77,8 @@ class AudioProjector(nn.Module):
     23 background, 15 ambience; ``token_levels``). A token of level ``l`` attends to the decomposer
     tokens through a bias of ``log assignment[:, :, l]``, so it carries what was assigned to its level;
     that is what lets the model injection route levels to different UNet blocks. The adaptive level
-    weights set the levels' relative norms before the rescale, the user's level scale after it.
+    weights set the levels' relative norms before the rescale. The user's level weights are not
+    applied here: the tokens carry them to the injection (``AudioTokens.level_scale``).
     About 2.2M parameters with the defaults.
     """
 
@@ -124,6 +125,4 @@ class AudioProjector(nn.Module):
         tokens = tokens * (
             levels.level_weights[:, self.token_levels] * NUM_LEVELS
         ).unsqueeze(-1)
-        tokens = rescale_to_norm(tokens, self.config.norm_target)
-        scale = levels.level_scale.to(tokens)[self.token_levels]
-        return tokens * scale.unsqueeze(-1)
+        return rescale_to_norm(tokens, self.config.norm_target)

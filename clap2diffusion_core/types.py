@@ -1,16 +1,35 @@
-"""What flows between the pipeline's steps (and between the ComfyUI nodes)."""
+"""What flows between the pipeline's steps (and on the ComfyUI sockets): data only, never a model.
+
+The modules that made the data are named by a *fingerprint* (:func:`fingerprint`), so a step that
+needs the model (projection, the model injection) takes the model on its own wire and can refuse
+data made by another file before anything is sampled.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 
-from .levels import NUM_LEVELS
+from .errors import WiringError
+from .levels import LEVELS, NUM_LEVELS
 
-if TYPE_CHECKING:
-    from .model import CLAP2DiffusionModel
+
+def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """Short SHA-256 of a state dict's names, dtypes, shapes and bytes: the identity of a file's weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def level_scale(foreground: float = 1.0, background: float = 1.0, ambience: float = 1.0) -> torch.Tensor:
+    """``[3]`` the user's per-level weights (1 = as the model decided)."""
+    return torch.tensor([foreground, background, ambience], dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -21,8 +40,10 @@ class AudioLevels:
         tokens: ``[B, K, D]`` decomposer tokens.
         assignment: ``[B, K, 3]`` soft assignment of each token to the levels; rows sum to 1.
         level_weights: ``[B, 3]`` adaptive per-sample importance of each level; rows sum to 1.
-        level_scale: ``[3]`` the user's per-level multipliers (1 = as the model decided).
+        level_scale: ``[3]`` the user's per-level weights (1 = as the model decided). Not applied
+            here: the tokens carry them to the injection, which applies them once.
         temperature: the softmax temperature the assignment was made with.
+        source: fingerprint of the CLAP2Diffusion file that made them ("" when unknown).
     """
 
     tokens: torch.Tensor
@@ -30,12 +51,10 @@ class AudioLevels:
     level_weights: torch.Tensor
     level_scale: torch.Tensor
     temperature: float
+    source: str = ""
 
-    def with_level_scale(
-        self, foreground: float, background: float, ambience: float
-    ) -> AudioLevels:
-        scale = torch.tensor([foreground, background, ambience], dtype=torch.float32)
-        return replace(self, level_scale=scale)
+    def with_level_scale(self, foreground: float, background: float, ambience: float) -> AudioLevels:
+        return replace(self, level_scale=level_scale(foreground, background, ambience))
 
     def level_usage(self) -> torch.Tensor:
         """``[B, 3]`` share of the K tokens assigned to each level."""
@@ -44,33 +63,57 @@ class AudioLevels:
 
 @dataclass(frozen=True)
 class AudioTokens:
-    """Audio as cross-attention tokens, ready for either injection.
+    """Audio as cross-attention tokens, ready for either injection; what Save Audio Tokens writes.
 
     Attributes:
-        tokens: ``[B, N, C]`` projected audio tokens (N = 77), mean token norm = the model's norm_target.
+        tokens: ``[B, N, C]`` projected audio tokens (N = 77), mean token norm = the file's
+            norm_target, before the user's level weights.
         token_levels: ``[N]`` long, the level (0 fg, 1 bg, 2 ambience) each token carries.
-        uncond: ``[1, N, C]`` the tokens of silence (a zero CLAP embedding), for unconditional rows.
-        model: the CLAP2Diffusion model that made them; the model injection takes its adapter.
+        level_scale: ``[3]`` the user's per-level weights, applied once by the injection that uses
+            the tokens (:meth:`weighted` for the conditioning, the adapter's values for the model).
+        source: fingerprint of the CLAP2Diffusion file that made them; the model injection refuses
+            tokens whose source is not the file it takes the adapter from.
+        source_name: that file's name, for messages ("" when unknown).
     """
 
     tokens: torch.Tensor
     token_levels: torch.Tensor
-    uncond: torch.Tensor
-    model: CLAP2DiffusionModel
+    level_scale: torch.Tensor
+    source: str
+    source_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.tokens.ndim != 3 or self.uncond.shape[1:] != self.tokens.shape[1:]:
+        if self.tokens.ndim != 3:
+            raise ValueError(f"audio tokens must be [B, N, C], got {tuple(self.tokens.shape)}")
+        if self.token_levels.shape != (self.tokens.shape[1],) or int(self.token_levels.max()) >= NUM_LEVELS:
             raise ValueError(
-                f"audio tokens {tuple(self.tokens.shape)} / uncond {tuple(self.uncond.shape)}"
+                f"token_levels {tuple(self.token_levels.shape)} does not match the tokens {tuple(self.tokens.shape)}"
             )
-        if (
-            self.token_levels.shape != (self.tokens.shape[1],)
-            or int(self.token_levels.max()) >= NUM_LEVELS
-        ):
-            raise ValueError(
-                f"token_levels {tuple(self.token_levels.shape)} does not match the tokens"
-            )
+        if self.level_scale.shape != (NUM_LEVELS,):
+            raise ValueError(f"level_scale must be [{NUM_LEVELS}] ({', '.join(LEVELS)}), got {tuple(self.level_scale.shape)}")
 
     @property
     def context_dim(self) -> int:
         return self.tokens.shape[-1]
+
+    def with_level_scale(self, foreground: float, background: float, ambience: float) -> AudioTokens:
+        return replace(self, level_scale=level_scale(foreground, background, ambience))
+
+    def weighted(self) -> torch.Tensor:
+        """``[B, N, C]`` the tokens with the user's level weights applied (the conditioning injection)."""
+        scale = self.level_scale.to(self.tokens)[self.token_levels.to(self.tokens.device)]
+        return self.tokens * scale.unsqueeze(-1)
+
+    def describe_source(self) -> str:
+        return f"{self.source_name} ({self.source})" if self.source_name else f"fingerprint {self.source}"
+
+    def check_source(self, source: str, source_name: str = "", what: str = "this node") -> None:
+        """Raise :class:`WiringError` unless these tokens were made by the file ``source``."""
+        if self.source == source:
+            return
+        theirs = f"{source_name} ({source})" if source_name else f"fingerprint {source}"
+        raise WiringError(
+            f"these audio tokens were made by the CLAP2Diffusion file {self.describe_source()}, but {what} "
+            f"was given {theirs}. The adapter only understands tokens from its own file: wire the same "
+            "CLAP2Diffusion Loader into Audio Project (or Save Audio Tokens' source) and into this node."
+        )

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import folder_paths
 import torch
 
 from ..clap2diffusion_core.checkpoint import load_checkpoint
+from ..clap2diffusion_core.errors import WiringError
 from ..clap2diffusion_core.model import CLAP2DiffusionModel
 from ..clap2diffusion_core.preview import render_levels
 from ..clap2diffusion_core.types import AudioLevels
 from . import types
 from .api import io, ui
-
-
-@dataclass(frozen=True)
-class DecomposedAudio:
-    """The AUDIO_LEVELS socket value: a decomposition and the model that will project it."""
-
-    levels: AudioLevels
-    model: CLAP2DiffusionModel
 
 
 class Clap2DiffusionLoader(io.ComfyNode):
@@ -44,7 +36,8 @@ class Clap2DiffusionLoader(io.ComfyNode):
             outputs=[
                 types.Clap2DiffusionModel.Output(
                     display_name="clap2diffusion",
-                    tooltip="The audio modules, for Hierarchical Decompose.",
+                    tooltip="The audio modules: wire it into Hierarchical Decompose, Audio Project and (stage 2/3) "
+                    "Apply Audio to Model.",
                 )
             ],
         )
@@ -122,7 +115,16 @@ class HierarchicalDecompose(io.ComfyNode):
         levels = clap2diffusion.encode(clap_embeds, temperature=temperature or None)
         levels = levels.with_level_scale(foreground, background, ambience)
         preview = ui.PreviewImage(render_levels(levels), cls=cls)
-        return io.NodeOutput(DecomposedAudio(levels, clap2diffusion), ui=preview)
+        return io.NodeOutput(levels, ui=preview)
+
+
+def missing_model_input(node: str, feeds: str) -> WiringError:
+    """The error of a graph saved before the model got its own wire (0.x: it rode on the data)."""
+    return WiringError(
+        f"{node}: its 'clap2diffusion' input is not connected. Since the model travels on its own wire, "
+        f"{node} takes it directly: connect the output of the CLAP2Diffusion Loader that feeds {feeds} "
+        f"to {node}'s 'clap2diffusion' input."
+    )
 
 
 class AudioProject(io.ComfyNode):
@@ -133,18 +135,30 @@ class AudioProject(io.ComfyNode):
             display_name="Audio Project",
             category=types.CATEGORY,
             description="Projects the decomposed sound to 77 cross-attention tokens (mean norm 60 by default).",
-            inputs=[types.AudioLevels.Input("audio_levels", tooltip="From Hierarchical Decompose.")],
+            inputs=[
+                types.AudioLevels.Input("audio_levels", tooltip="From Hierarchical Decompose."),
+                # Last and optional only so that a graph saved before this input existed keeps its link
+                # slots and gets a message that says what to connect, not a bare "required input missing".
+                types.Clap2DiffusionModel.Input(
+                    "clap2diffusion",
+                    optional=True,
+                    tooltip="Required. The same CLAP2Diffusion Loader output as Hierarchical Decompose's.",
+                ),
+            ],
             outputs=[
                 types.AudioTokens.Output(
                     display_name="audio_tokens",
-                    tooltip="For Apply Audio to Conditioning (any file) or Apply Audio to Model (stage 2/3).",
+                    tooltip="For Apply Audio to Conditioning (any file), Apply Audio to Model (stage 2/3, with "
+                    "the same CLAP2Diffusion file) or Save Audio Tokens.",
                 )
             ],
         )
 
     @classmethod
-    def execute(cls, audio_levels: DecomposedAudio) -> io.NodeOutput:
-        return io.NodeOutput(audio_levels.model.project(audio_levels.levels))
+    def execute(cls, audio_levels: AudioLevels, clap2diffusion: CLAP2DiffusionModel | None = None) -> io.NodeOutput:
+        if clap2diffusion is None:
+            raise missing_model_input("Audio Project", "Hierarchical Decompose")
+        return io.NodeOutput(clap2diffusion.project(audio_levels))
 
 
 NODES = [Clap2DiffusionLoader, HierarchicalDecompose, AudioProject]

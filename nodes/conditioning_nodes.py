@@ -23,7 +23,7 @@ class ApplyAudioToConditioning(io.ComfyNode):
                     "conditioning",
                     tooltip="Usually the positive prompt from CLIP Text Encode.",
                 ),
-                types.AudioTokens.Input("audio_tokens", tooltip="From Audio Project."),
+                types.AudioTokens.Input("audio_tokens", tooltip="From Audio Project or Load Audio Tokens."),
                 io.Float.Input(
                     "strength",
                     default=1.0,
@@ -33,31 +33,19 @@ class ApplyAudioToConditioning(io.ComfyNode):
                     tooltip="Scale of the audio tokens. 0 returns the conditioning unchanged (the text-only image).",
                 ),
             ],
-            outputs=[
-                io.Conditioning.Output(
-                    tooltip="Text + sound; goes to KSampler or ControlNet Apply."
-                )
-            ],
+            outputs=[io.Conditioning.Output(tooltip="Text + sound; goes to KSampler or ControlNet Apply.")],
         )
 
     @classmethod
-    def execute(
-        cls, conditioning: list, audio_tokens: AudioTokens, strength: float
-    ) -> io.NodeOutput:
+    def execute(cls, conditioning: list, audio_tokens: AudioTokens, strength: float) -> io.NodeOutput:
         if strength == 0:
             return io.NodeOutput(conditioning)
         for text, _ in conditioning:
-            if text.shape[-1] != audio_tokens.tokens.shape[-1] and audio_tokens.model is not None:
-                # Name both base models, not only both sizes (SD2 is 1024, SDXL 2048).
-                check_context_dim(audio_tokens.model, text.shape[-1], "this conditioning")
-        out = []
-        for text, options in conditioning:
-            out.append(
-                [
-                    append_audio_tokens(text, audio_tokens.tokens, strength),
-                    options.copy(),
-                ]
-            )
+            # Name both base models, not only both sizes (SD2 is 1024, SDXL 2048).
+            check_context_dim(audio_tokens.context_dim, text.shape[-1], "this conditioning")
+        # The user's level weights act here, once (the model injection applies them in the adapter).
+        tokens = audio_tokens.weighted()
+        out = [[append_audio_tokens(text, tokens, strength), options.copy()] for text, options in conditioning]
         return io.NodeOutput(out)
 
 

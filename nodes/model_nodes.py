@@ -4,28 +4,37 @@ from __future__ import annotations
 
 from comfy.model_patcher import ModelPatcher
 
+from ..clap2diffusion_core.model import CLAP2DiffusionModel
 from ..clap2diffusion_core.types import AudioTokens
 from . import types
 from .api import io
+from .clap2diffusion_nodes import missing_model_input
 from .model_patch import apply_audio_to_model
 
 
 class ApplyAudioToModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        level = "Weight of the {} tokens in the audio attention (1 = as trained, 0 = off)."
         return io.Schema(
             node_id="C2D_ApplyAudioToModel",
             display_name="Apply Audio to Model",
             category=types.CATEGORY,
             description="Adds a gated audio cross-attention beside the text one in every cross-attention "
-            "layer of the UNet (needs a stage 2/3 CLAP2Diffusion file). Returns a patched copy: the input "
-            "MODEL is unchanged. Works with LoRA and ControlNet; chain two for two sounds.",
+            "layer of the UNet (needs a stage 2/3 CLAP2Diffusion file, on its own wire, and tokens made by "
+            "that file). Returns a patched copy: the input MODEL is unchanged. Works with LoRA and "
+            "ControlNet; chain two for two sounds. The level weights are set on Hierarchical Decompose.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.5-family MODEL, e.g. from Load Checkpoint or a LoRA loader."),
                 types.AudioTokens.Input(
                     "audio_tokens",
-                    tooltip="From Audio Project, made with a stage 2/3 file (one with adapter layers).",
+                    tooltip="From Audio Project or Load Audio Tokens, made by the CLAP2Diffusion file wired below.",
+                ),
+                # Optional only so that a graph saved before this input existed gets a message that says
+                # what to connect, not a bare "required input missing".
+                types.Clap2DiffusionModel.Input(
+                    "clap2diffusion", optional=True,
+                    tooltip="Required. A stage 2/3 CLAP2Diffusion Loader output (its adapter layers): the "
+                    "file that made the audio tokens.",
                 ),
                 io.Float.Input(
                     "strength", default=1.0, min=0.0, max=4.0, step=0.01,
@@ -39,11 +48,6 @@ class ApplyAudioToModel(io.ComfyNode):
                     "end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                     tooltip="Sampling progress after which the sound stops acting (1 = last step).",
                 ),
-                *types.level_inputs({
-                    "foreground": level.format("foreground (events: thunder, a bark); routed mostly to the last blocks"),
-                    "background": level.format("background (scenes: rain, crowd); routed mostly to the middle blocks"),
-                    "ambience": level.format("ambience (mood, space); routed mostly to the first blocks"),
-                }),
             ],
             outputs=[
                 io.Model.Output(
@@ -61,14 +65,11 @@ class ApplyAudioToModel(io.ComfyNode):
         strength: float,
         start_percent: float,
         end_percent: float,
-        foreground: float,
-        background: float,
-        ambience: float,
+        clap2diffusion: CLAP2DiffusionModel | None = None,
     ) -> io.NodeOutput:
-        patched = apply_audio_to_model(
-            model, audio_tokens, strength, start_percent, end_percent,
-            level_weights=(foreground, background, ambience),
-        )  # fmt: skip
+        if clap2diffusion is None:
+            raise missing_model_input("Apply Audio to Model", "Audio Project")
+        patched = apply_audio_to_model(model, clap2diffusion, audio_tokens, strength, start_percent, end_percent)
         return io.NodeOutput(patched)
 
 

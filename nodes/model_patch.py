@@ -23,7 +23,7 @@ the new patch calls it for the "text" part, then adds its own audio term.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import comfy.ldm.modules.attention as comfy_attention
@@ -36,7 +36,8 @@ from comfy.patcher_extension import CallbacksMP
 
 from ..clap2diffusion_core.adapters import AdapterLayer, AudioAdapter, canonical_order
 from ..clap2diffusion_core.audio_attention import COND, AudioKV, add_audio
-from ..clap2diffusion_core.checkpoint import CheckpointError
+from ..clap2diffusion_core.errors import CheckpointError, ModelMismatchError
+from ..clap2diffusion_core.model import CLAP2DiffusionModel
 from ..clap2diffusion_core.types import AudioTokens
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def unet_layout(unet: torch.nn.Module, unet_config: dict) -> tuple[tuple[Adapter
     diffusers names come from ComfyUI's own ``unet_to_diffusers`` map (empty if it has none).
     """
     if not hasattr(unet, "input_blocks"):
-        raise CheckpointError(
+        raise ModelMismatchError(
             f"Apply Audio to Model needs an SD1.5-family UNet; this MODEL is {type(unet).__name__}"
         )
     to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(unet_config).items()}
@@ -214,14 +215,15 @@ class AudioAttn2Patch:
 # applying
 
 
-def check_audio_fits(model: ModelPatcher, audio: AudioTokens) -> AudioAdapter:
-    """The adapter of ``audio``'s CLAP2Diffusion model, checked against ``model``'s UNet."""
-    adapter = audio.model.adapter
+def check_audio_fits(model: ModelPatcher, clap2diffusion: CLAP2DiffusionModel, audio: AudioTokens) -> AudioAdapter:
+    """The adapter of ``clap2diffusion``, checked against ``model``'s UNet and against ``audio``'s source."""
+    adapter = clap2diffusion.adapter
     if adapter is None:
         raise CheckpointError(
-            f"this CLAP2Diffusion file is stage {audio.model.config.stage}: it has no adapter layers for "
+            f"this CLAP2Diffusion file is stage {clap2diffusion.config.stage}: it has no adapter layers for "
             "Apply Audio to Model. Use Apply Audio to Conditioning with it, or load a stage 2/3 file."
         )
+    clap2diffusion.check_tokens(audio, "Apply Audio to Model")
     layers, context_dim = comfy_layout(model)
     adapter.config.check_fits(layers, context_dim or -1, "this MODEL")
     return adapter
@@ -229,25 +231,29 @@ def check_audio_fits(model: ModelPatcher, audio: AudioTokens) -> AudioAdapter:
 
 def apply_audio_to_model(
     model: ModelPatcher,
+    clap2diffusion: CLAP2DiffusionModel,
     audio: AudioTokens,
     strength: float = 1.0,
     start_percent: float = 0.0,
     end_percent: float = 1.0,
-    level_weights: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> ModelPatcher:
-    """A clone of ``model`` whose cross-attention layers also attend to ``audio``.
+    """A clone of ``model`` whose cross-attention layers also attend to ``audio``, through the
+    adapter of ``clap2diffusion`` (the file that made ``audio``).
 
-    Unconditional rows attend to ``audio.uncond`` (silence). Layers whose gate is closed, and the
+    Unconditional rows attend to the file's silence tokens. The user's level weights
+    (``audio.level_scale``) act once, on the adapter's values. Layers whose gate is closed, and the
     whole patch at strength 0, are skipped: the result is then the input model itself.
     """
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(
             f"start_percent ({start_percent}) must not be after end_percent ({end_percent}), both in [0, 1]"
         )
-    adapter = check_audio_fits(model, audio)
+    adapter = check_audio_fits(model, clap2diffusion, audio)
+    with torch.no_grad():
+        silence = clap2diffusion.silence_tokens()
     kv = AudioKV(
-        adapter, audio.tokens, audio.uncond, audio.token_levels,
-        strength=strength, level_weights=level_weights,
+        adapter, audio.tokens, silence, audio.token_levels,
+        strength=strength, level_weights=audio.level_scale.tolist(),
         dtype=compute_dtype(model), device=model.offload_device,
     )  # fmt: skip
     if not len(kv):

@@ -47,7 +47,12 @@ def audio_tokens(
         background=background,
         ambience=ambience,
     )
-    return g.node("C2D_AudioProject", audio_levels=decomposed.out)
+    return g.node("C2D_AudioProject", audio_levels=decomposed.out, clap2diffusion=model.out)
+
+
+def model_of(g: Graph, tokens: NodeRef) -> list:
+    """The link to the CLAP2Diffusion Loader that an Audio Project node was wired to (for Apply Audio to Model)."""
+    return g.nodes[tokens.id]["inputs"]["clap2diffusion"]
 
 
 def sample(

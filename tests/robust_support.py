@@ -63,15 +63,14 @@ def graph(
     c2d = g.node("C2D_Clap2DiffusionLoader", _id="7", clap2diffusion_name=clap2diffusion)
     levels = g.node("C2D_HierarchicalDecompose", _id="8", clap2diffusion=c2d.out, clap_embeds=embeds.out,
                     foreground=1.0, background=1.0, ambience=1.0)
-    tokens = g.node("C2D_AudioProject", _id="9", audio_levels=levels.out)
+    tokens = g.node("C2D_AudioProject", _id="9", audio_levels=levels.out, clap2diffusion=c2d.out)
     if conditioning:
         positive = g.node("C2D_ApplyAudioToConditioning", _id="10", conditioning=positive,
                           audio_tokens=tokens.out, strength=strength).out
     model = ckpt[0]
     if model_strength is not None:
         model = g.node("C2D_ApplyAudioToModel", _id="16", model=model, audio_tokens=tokens.out,
-                       strength=model_strength, start_percent=0.0, end_percent=1.0,
-                       foreground=1.0, background=1.0, ambience=1.0).out
+                       clap2diffusion=c2d.out, strength=model_strength, start_percent=0.0, end_percent=1.0).out
     latent = g.node("EmptyLatentImage", _id="11", width=size, height=size, batch_size=1)
     sampled = g.node("KSampler", _id="12", model=model, positive=positive, negative=negative,
                      latent_image=latent.out, seed=seed, steps=steps, cfg=7.0, sampler_name="euler",

@@ -175,12 +175,13 @@ def test_audio_kv_is_computed_once_and_batches_are_memoised():
     audio = model.project(model.encode(F.normalize(torch.randn(1, 512), dim=-1)))
     with torch.no_grad():
         model.adapter.layers[1].gate.zero_()
-    kv = AudioKV(model.adapter, audio.tokens, audio.uncond, audio.token_levels, strength=0.7,
+    silence = model.silence_tokens()
+    kv = AudioKV(model.adapter, audio.tokens, silence, audio.token_levels, strength=0.7,
                  dtype=torch.float16)
     assert kv.layers == (0, 2, 3)  # the closed layer holds nothing and is never patched
     assert kv.slots[0].k_cond.dtype == torch.float16 and not kv.slots[0].k_cond.requires_grad
     scales = model.adapter.token_scales(audio.token_levels, 0.7)
-    k, v = model.adapter.layer_kv(2, audio.uncond, scales[2])
+    k, v = model.adapter.layer_kv(2, silence, scales[2])
     torch.testing.assert_close(kv.slots[1].v_uncond, v.half())
     first = kv.batch(1, [1, 0], 2, torch.device("cpu"), torch.float16)
     assert first[0].shape == (4, 8, 77, 40)
@@ -218,7 +219,7 @@ def _replaces(model) -> dict:
 def test_apply_returns_a_clone_and_leaves_the_input_model_alone(comfy_tiny):
     patch, model, c2d = comfy_tiny
     before = copy.copy(model.model_options["transformer_options"])
-    patched = patch.apply_audio_to_model(model, _audio(c2d))
+    patched = patch.apply_audio_to_model(model, c2d, _audio(c2d))
     assert patched is not model and patched.model is model.model  # same weights, new options
     assert model.model_options["transformer_options"] == before and not _replaces(model)
     assert set(_replaces(patched)) == {("input", 1, 0), ("middle", 0, 0), ("output", 0, 0), ("output", 1, 0)}
@@ -226,7 +227,7 @@ def test_apply_returns_a_clone_and_leaves_the_input_model_alone(comfy_tiny):
 
 def test_patches_survive_clone_and_deepcopy_as_the_same_objects(comfy_tiny):
     patch, model, c2d = comfy_tiny
-    patched = patch.apply_audio_to_model(model, _audio(c2d))
+    patched = patch.apply_audio_to_model(model, c2d, _audio(c2d))
     one = _replaces(patched)[("middle", 0, 0)]
     assert copy.deepcopy(one) is one
     again = patched.clone()
@@ -236,7 +237,7 @@ def test_patches_survive_clone_and_deepcopy_as_the_same_objects(comfy_tiny):
 
 def test_adapter_keys_and_values_live_in_a_model_patcher(comfy_tiny):
     patch, model, c2d = comfy_tiny
-    patched = patch.apply_audio_to_model(model, _audio(c2d))
+    patched = patch.apply_audio_to_model(model, c2d, _audio(c2d))
     kv_patcher = _replaces(patched)[("input", 1, 0)].models()[0]
     assert isinstance(kv_patcher.model, comfy_pack.load("clap2diffusion_core.audio_attention").AudioKV)
     assert kv_patcher.model_size() == sum(p.numel() * p.element_size() for p in kv_patcher.model.parameters())
@@ -247,7 +248,7 @@ def test_comfyui_memory_management_loads_the_keys_and_values_with_the_unet(comfy
     import comfy.model_management as mm
 
     patch, model, c2d = comfy_tiny
-    patched = patch.apply_audio_to_model(model, _audio(c2d))
+    patched = patch.apply_audio_to_model(model, c2d, _audio(c2d))
     kv_patcher = _replaces(patched)[("middle", 0, 0)].injection.kv_patcher
     try:
         mm.load_models_gpu([patched])
@@ -258,18 +259,18 @@ def test_comfyui_memory_management_loads_the_keys_and_values_with_the_unet(comfy
 
 def test_strength_0_or_closed_gates_return_the_input_model(comfy_tiny):
     patch, model, c2d = comfy_tiny
-    assert patch.apply_audio_to_model(model, _audio(c2d), strength=0.0) is model
+    assert patch.apply_audio_to_model(model, c2d, _audio(c2d), strength=0.0) is model
     closed = copy.deepcopy(c2d)
     with torch.no_grad():
         for layer in closed.adapter.layers:
             layer.gate.zero_()
-    assert patch.apply_audio_to_model(model, _audio(closed)) is model
+    assert patch.apply_audio_to_model(model, closed, _audio(closed)) is model
 
 
 def test_stacking_wraps_the_patch_already_there(comfy_tiny):
     patch, model, c2d = comfy_tiny
-    first = patch.apply_audio_to_model(model, _audio(c2d, 1), strength=0.5)
-    second = patch.apply_audio_to_model(first, _audio(c2d, 2), strength=1.5, start_percent=0.2)
+    first = patch.apply_audio_to_model(model, c2d, _audio(c2d, 1), strength=0.5)
+    second = patch.apply_audio_to_model(first, c2d, _audio(c2d, 2), strength=1.5, start_percent=0.2)
     key = ("output", 1, 0)
     outer, inner = _replaces(second)[key], _replaces(first)[key]
     assert outer.inner is inner and inner.inner is None  # the first model's patch is untouched
@@ -283,10 +284,10 @@ def test_stage_1_files_and_other_layouts_are_refused_with_a_clear_message(comfy_
     checkpoint = comfy_pack.load("clap2diffusion_core.checkpoint")
     stage1 = testing.random_model(stage=1)
     with pytest.raises(checkpoint.CheckpointError, match="stage 1: .*Use Apply Audio to Conditioning"):
-        patch.apply_audio_to_model(model, _audio(stage1))
+        patch.apply_audio_to_model(model, stage1, _audio(stage1))
     sd15 = testing.random_model(stage=2, layout="sd15")
     with pytest.raises(checkpoint.CheckpointError, match="16 cross-attention layers.*this MODEL \\(4 layers"):
-        patch.apply_audio_to_model(model, _audio(sd15))
+        patch.apply_audio_to_model(model, sd15, _audio(sd15))
     with pytest.raises(ValueError, match="start_percent"):
-        patch.apply_audio_to_model(model, _audio(testing.random_model(stage=2, layout="tiny")), start_percent=0.8,
+        patch.apply_audio_to_model(model, testing, _audio(testing.random_model(stage=2, layout="tiny")), start_percent=0.8,
                                    end_percent=0.2)

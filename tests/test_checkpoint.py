@@ -117,7 +117,7 @@ def test_a_file_for_another_base_model_names_both_context_sizes(tmp_path):
         CheckpointError,
         match=r"made for sdxl \(context_dim 2048\).*expects context_dim 768 \(sd15\)",
     ):
-        check_context_dim(sdxl, 768, "the SD1.5 MODEL")
+        check_context_dim(sdxl.config.context_dim, 768, "the SD1.5 MODEL")
 
 
 def test_save_then_load_preserves_a_changed_config(tmp_path):

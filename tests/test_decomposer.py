@@ -69,6 +69,6 @@ def test_rejects_wrong_embedding_size_and_temperature(decomposer):
         decomposer(embeds(1), temperature=0.0)
 
 
-def test_level_scale_is_carried_for_the_projector(decomposer):
+def test_level_scale_is_carried_for_the_injection(decomposer):
     scaled = decomposer(embeds(1)).with_level_scale(2.0, 0.0, 1.0)
     assert scaled.level_scale.tolist() == [2.0, 0.0, 1.0]

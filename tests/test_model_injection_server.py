@@ -48,14 +48,13 @@ def audio_tokens(g: Graph, sound: str = "thunder.wav", file: str = STAGE2) -> No
     c2d = g.node("C2D_Clap2DiffusionLoader", clap2diffusion_name=file)
     levels = g.node("C2D_HierarchicalDecompose", clap2diffusion=c2d.out, clap_embeds=embeds.out,
                     foreground=1.0, background=1.0, ambience=1.0)
-    return g.node("C2D_AudioProject", audio_levels=levels.out)
+    return g.node("C2D_AudioProject", audio_levels=levels.out, clap2diffusion=c2d.out)
 
 
-def apply_audio(g: Graph, model, tokens: NodeRef, strength: float = 1.0, start: float = 0.0, end: float = 1.0,
-                levels: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> NodeRef:
-    fg, bg, amb = levels
-    return g.node("C2D_ApplyAudioToModel", model=model, audio_tokens=tokens.out, strength=strength,
-                  start_percent=start, end_percent=end, foreground=fg, background=bg, ambience=amb)
+def apply_audio(g: Graph, model, tokens: NodeRef, strength: float = 1.0, start: float = 0.0, end: float = 1.0) -> NodeRef:
+    return g.node("C2D_ApplyAudioToModel", model=model, audio_tokens=tokens.out,
+                  clap2diffusion=g.nodes[tokens.id]["inputs"]["clap2diffusion"], strength=strength,
+                  start_percent=start, end_percent=end)
 
 
 def graph(sounds: list[dict] | None = None, lora: bool = True, controlnet: bool = True,
@@ -116,9 +115,9 @@ def plain(comfy_server: ComfyServer) -> np.ndarray:
 def test_node_is_listed_with_tooltips(comfy: ComfyClient) -> None:
     info = comfy.object_info("C2D_ApplyAudioToModel")
     inputs = info["input"]["required"]
-    assert list(inputs) == ["model", "audio_tokens", "strength", "start_percent", "end_percent",
-                            "foreground", "background", "ambience"]
-    assert all(spec[1].get("tooltip") for spec in inputs.values())
+    assert list(inputs) == ["model", "audio_tokens", "strength", "start_percent", "end_percent"]
+    assert list(info["input"]["optional"]) == ["clap2diffusion"]  # optional only to explain old graphs
+    assert all(spec[1].get("tooltip") for spec in [*inputs.values(), *info["input"]["optional"].values()])
     assert info["output"] == ["MODEL"] and info["output_tooltips"][0]
 
 

@@ -67,11 +67,11 @@ def comfy_eps(model, latent, text, t, order, sigma=5.0):
         )
 
 
-def diffusers_eps(hook, unet, audio, latent, text, t, order):
+def diffusers_eps(hook, unet, silence, audio, latent, text, t, order):
     """The diffusers UNet with the audio processors; uncond rows get the silence tokens."""
     x = torch.cat([latent] * len(order))
     context = torch.cat([text[c] for c in order])
-    rows = torch.cat([audio.uncond.expand(latent.shape[0], -1, -1) if c else audio.tokens for c in order])
+    rows = torch.cat([silence.expand(latent.shape[0], -1, -1) if c else audio.tokens for c in order])
     with torch.no_grad(), hook.audio(rows, audio.token_levels, strength=STRENGTH, level_weights=LEVEL_WEIGHTS):
         return unet(x, torch.full((x.shape[0],), t), context).sample
 
@@ -80,11 +80,11 @@ def diffusers_eps(hook, unet, audio, latent, text, t, order):
 def test_parity_noise_prediction_comfyui_patch_vs_diffusers_processor(pack, models, inputs, order):
     comfy_model, unet, c2d, audio = models
     latent, text = inputs
-    patched = pack["patch"].apply_audio_to_model(comfy_model, audio, STRENGTH, level_weights=LEVEL_WEIGHTS)
+    patched = pack["patch"].apply_audio_to_model(comfy_model, c2d, audio.with_level_scale(*LEVEL_WEIGHTS), STRENGTH)
     hook = pack["processor"].attach_audio_adapter(unet, c2d.adapter)
     try:
         ours = comfy_eps(patched, latent, text, 700.0, order)
-        theirs = diffusers_eps(hook, unet, audio, latent, text, 700.0, order)
+        theirs = diffusers_eps(hook, unet, c2d.silence_tokens(), audio, latent, text, 700.0, order)
     finally:
         hook.detach()
     plain = comfy_eps(comfy_model, latent, text, 700.0, order)
@@ -99,7 +99,7 @@ def test_parity_through_comfyui_batching_and_model_sampling(pack, models, inputs
 
     comfy_model, unet, c2d, audio = models
     latent, text = inputs
-    patched = pack["patch"].apply_audio_to_model(comfy_model, audio, STRENGTH, level_weights=LEVEL_WEIGHTS)
+    patched = pack["patch"].apply_audio_to_model(comfy_model, c2d, audio.with_level_scale(*LEVEL_WEIGHTS), STRENGTH)
     conds = {
         "positive": comfy.sampler_helpers.convert_cond([[text[0][:1], {}]]),
         "negative": comfy.sampler_helpers.convert_cond([[text[1][:1], {}]]),
@@ -117,7 +117,7 @@ def test_parity_through_comfyui_batching_and_model_sampling(pack, models, inputs
     one_text = {c: text[c][:1].expand(2, -1, -1) for c in (0, 1)}
     hook = pack["processor"].attach_audio_adapter(unet, c2d.adapter)
     try:
-        for index, rows in ((0, audio.tokens), (1, audio.uncond.expand(2, -1, -1))):
+        for index, rows in ((0, audio.tokens), (1, c2d.silence_tokens().expand(2, -1, -1))):
             with torch.no_grad(), hook.audio(rows, audio.token_levels, strength=STRENGTH, level_weights=LEVEL_WEIGHTS):
                 eps = unet(x_in, torch.full((2,), t), one_text[index]).sample
             expected = sampling.calculate_denoised(sigma, eps, latent)
@@ -127,9 +127,9 @@ def test_parity_through_comfyui_batching_and_model_sampling(pack, models, inputs
 
 
 def test_outside_start_end_the_patched_layers_compute_the_plain_model_bit_for_bit(pack, models, inputs):
-    comfy_model, _, _, audio = models
+    comfy_model, _, c2d, audio = models
     latent, text = inputs
-    late = pack["patch"].apply_audio_to_model(comfy_model, audio, 1.0, start_percent=0.6, end_percent=1.0)
+    late = pack["patch"].apply_audio_to_model(comfy_model, c2d, audio, 1.0, start_percent=0.6, end_percent=1.0)
     # sigma 14 is near the start of sampling (percent ~0): the audio is not yet on
     assert torch.equal(comfy_eps(late, latent, text, 990.0, (1, 0), sigma=14.0),
                        comfy_eps(comfy_model, latent, text, 990.0, (1, 0), sigma=14.0))

@@ -204,7 +204,7 @@ def test_robust_model_management_keeps_one_copy_of_each_model(test_models: tm.Te
     latent = torch.zeros(1, 4, 8, 8)
     for i in range(4):
         tokens = c2d.project(c2d.encode(torch.nn.functional.normalize(torch.randn(1, 512), dim=-1)))
-        patched = model_patch.apply_audio_to_model(model, tokens, strength=0.5 + 0.1 * i)
+        patched = model_patch.apply_audio_to_model(model, c2d, tokens, strength=0.5 + 0.1 * i)
         noise = comfy.sample.prepare_noise(latent, i)
         comfy.sample.sample(patched, noise, 1, 5.0, "euler", "normal", cond, cond, latent, seed=i,
                             disable_pbar=True)

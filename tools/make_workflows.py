@@ -41,8 +41,10 @@ CLAP = "clap-htsat-unfused"
 CLAP_URL = "https://huggingface.co/laion/clap-htsat-unfused"
 STAGE1 = "audio_projector_stage1.safetensors"
 STAGE3 = "audio_projector_stage3_finetuned.safetensors"
-CONTROLNET = "control_v11p_sd15_scribble.pth"
-CONTROLNET_URL = "https://huggingface.co/lllyasviel/ControlNet-v1-1/resolve/main/control_v11p_sd15_scribble.pth"
+# The frontend downloads only .safetensors model links: the fp16 safetensors copy of ControlNet 1.1.
+CONTROLNET = "control_v11p_sd15_scribble_fp16.safetensors"
+CONTROLNET_URL = ("https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+                  "control_v11p_sd15_scribble_fp16.safetensors")
 LORA = "your_sd15_lora.safetensors"
 
 # Frontend colours for the prompt nodes (as core templates use them).
@@ -387,7 +389,8 @@ def sound_chain(wf: Workflow, pos: tuple[float, float], sound: str, clap: Node, 
                         title=f"Hierarchical Decompose{suffix}" if label else None,
                         clap2diffusion=clap2diffusion.out, clap_embeds=encode.out,
                         foreground=fg, background=bg, ambience=amb, temperature=0.0)
-    project = wf.node("C2D_AudioProject", (x + 1040, y), (230, 46), audio_levels=decompose.out)
+    project = wf.node("C2D_AudioProject", (x + 1040, y), (230, 66), audio_levels=decompose.out,
+                      clap2diffusion=clap2diffusion.out)
     return SoundChain(load, encode, decompose, project)
 
 
@@ -423,11 +426,11 @@ def audio_text_to_image(wf: Workflow) -> None:
         "tokens and appended to the positive prompt's tokens: the prompt and the sound share the "
         "cross-attention. A stage 1 CLAP2Diffusion file is enough (stage 2/3 files work too).",
         files_block(STAGE1),
-        ["**Apply Audio to Conditioning → strength**: 0 gives exactly the text-only image; 1-1.5 lets "
+        ["**Apply Audio to Conditioning -> strength**: 0 gives exactly the text-only image; 1-1.5 lets "
          "the sound shape the scene.",
          "**Hierarchical Decompose**: scale the foreground (events: thunder), background (scenes: rain) "
          "and ambience (mood) levels; after a run its preview shows which audio token went to which level.",
-         "**CLAP Encode → window_mode**: sounds longer than 10 s use the first 10 s, the mean of all "
+         "**CLAP Encode -> window_mode**: sounds longer than 10 s use the first 10 s, the mean of all "
          "windows, or one image per window (per_window).",
          "The negative prompt stays audio-free."]),
         (-480, -60), (440, 800), "Read me: model files")
@@ -441,10 +444,10 @@ def audio_adapter(wf: Workflow) -> None:
     ckpt = checkpoint(wf, (0, 0))
     positive, negative = prompts(wf, ckpt["CLIP"], (360, 0), text="a beach at dusk")
     clap, c2d = loaders(wf, (0, AUDIO_ROW), STAGE3)
-    chain = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, c2d)
-    apply = wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 250), model=ckpt["MODEL"],
-                    audio_tokens=chain.project.out, strength=1.0, start_percent=0.0, end_percent=1.0,
-                    foreground=1.5, background=1.0, ambience=0.5)
+    chain = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, c2d, levels=(1.5, 1.0, 0.5))
+    apply = wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 170), model=ckpt["MODEL"],
+                    audio_tokens=chain.project.out, clap2diffusion=c2d.out, strength=1.0, start_percent=0.0,
+                    end_percent=1.0)
     tail = sample(wf, (1140, 0), apply.out, positive.out, negative.out, ckpt["VAE"], "clap2diffusion_adapter")
     wf.note(note_text(
         "Sound -> image through audio cross-attention (CLAP2Diffusion adapter)",
@@ -452,11 +455,12 @@ def audio_adapter(wf: Workflow) -> None:
         "cross-attention layer of the UNet; foreground tokens act mostly on the late blocks, "
         "background on the middle, ambience on the early ones. It returns a patched copy of the "
         "MODEL, so LoRA and ControlNet still stack. **Needs a stage 2 or 3 file** (one with adapter "
-        "layers).",
+        "layers), wired from its loader both to Audio Project and to Apply Audio to Model: the adapter "
+        "only accepts tokens made by its own file.",
         files_block(STAGE3),
-        ["**foreground / background / ambience** on Apply Audio to Model weight each level in the "
-         "attention (here: more events, less mood); Hierarchical Decompose scales the levels before "
-         "the projection.",
+        ["**foreground / background / ambience** on Hierarchical Decompose weight each level "
+         "(here: more events, less mood); the tokens carry them to Apply Audio to Model, which applies "
+         "them once, in the audio attention.",
          "**strength** 0 gives exactly the image without the sound; **start/end_percent** limit the "
          "sound to part of the sampling.",
          "The unconditional (negative) rows hear silence, so CFG pushes toward the sound."]),
@@ -514,9 +518,9 @@ def audio_lora(wf: Workflow) -> None:
     positive, negative = prompts(wf, lora["CLIP"], (360, 0))
     clap, c2d = loaders(wf, (0, AUDIO_ROW), STAGE3)
     chain = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, c2d)
-    apply = wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 250), model=lora["MODEL"],
-                    audio_tokens=chain.project.out, strength=1.0, start_percent=0.0, end_percent=1.0,
-                    foreground=1.0, background=1.0, ambience=1.0)
+    apply = wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 170), model=lora["MODEL"],
+                    audio_tokens=chain.project.out, clap2diffusion=c2d.out, strength=1.0, start_percent=0.0,
+                    end_percent=1.0)
     tail = sample(wf, (1140, 0), apply.out, positive.out, negative.out, ckpt["VAE"], "clap2diffusion_lora")
     wf.note(note_text(
         "Sound + text + LoRA -> image",
@@ -542,12 +546,12 @@ def two_sounds(wf: Workflow) -> None:
     clap, c2d = loaders(wf, (0, AUDIO_ROW), STAGE3)
     first = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, c2d, label="sound 1")
     second = sound_chain(wf, (0, AUDIO_ROW + 500), "seagulls.wav", clap, c2d, label="sound 2")
-    apply_first = wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 250), title="Apply Audio to Model (sound 1)",
-                          model=ckpt["MODEL"], audio_tokens=first.project.out, strength=1.0,
-                          start_percent=0.0, end_percent=1.0, foreground=1.0, background=1.0, ambience=1.0)
-    apply_second = wf.node("C2D_ApplyAudioToModel", (1140, 0), (300, 250), title="Apply Audio to Model (sound 2)",
-                           model=apply_first.out, audio_tokens=second.project.out, strength=0.5,
-                           start_percent=0.0, end_percent=1.0, foreground=1.0, background=1.0, ambience=1.0)
+    apply_first = wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 170), title="Apply Audio to Model (sound 1)",
+                          model=ckpt["MODEL"], audio_tokens=first.project.out, clap2diffusion=c2d.out,
+                          strength=1.0, start_percent=0.0, end_percent=1.0)
+    apply_second = wf.node("C2D_ApplyAudioToModel", (1140, 0), (300, 170), title="Apply Audio to Model (sound 2)",
+                           model=apply_first.out, audio_tokens=second.project.out, clap2diffusion=c2d.out,
+                           strength=0.5, start_percent=0.0, end_percent=1.0)
     tail = sample(wf, (1480, 0), apply_second.out, positive.out, negative.out, ckpt["VAE"],
                   "clap2diffusion_two_sounds")
     wf.note(note_text(
@@ -555,7 +559,9 @@ def two_sounds(wf: Workflow) -> None:
         "Each sound gets its own Load Audio -> CLAP Encode -> Hierarchical Decompose -> Audio Project "
         "chain (the CLAP and CLAP2Diffusion loaders are shared), and its own **Apply Audio to Model**: "
         "the second patches the model the first returns, so both audio attentions act, each with "
-        "its own strength and level weights. **Needs a stage 2 or 3 file.**",
+        "its own strength (and the level weights of its own Hierarchical Decompose). The one "
+        "CLAP2Diffusion loader feeds both Audio Projects and both Apply Audio to Model nodes. "
+        "**Needs a stage 2 or 3 file.**",
         files_block(STAGE3),
         ["Here sound 1 (thunder) at strength 1.0, sound 2 (seagulls) at 0.5.",
          "Give each sound its own **start/end_percent** to let one shape the layout (early steps) "

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     audio = c2d.project(c2d.encode(torch.nn.functional.normalize(torch.randn(1, 512, generator=gen), dim=-1)))
     start = time.perf_counter()
-    patched = patch.apply_audio_to_model(model, audio)
+    patched = patch.apply_audio_to_model(model, c2d, audio)
     apply_ms = (time.perf_counter() - start) * 1000
 
     positive = [[torch.randn(1, 77, 768, generator=gen), {}]]

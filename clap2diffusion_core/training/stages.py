@@ -211,8 +211,7 @@ class StageModule(nn.Module):
         f = self.frozen
         # Rows with dropped audio attend to the silence tokens, as unconditional rows do in ComfyUI;
         # computed here with gradients, so the silence tokens are trained too.
-        zeros = tokens.new_zeros(1, self.model.config.decomposer.clap_dim)
-        silence = self.model.projector(self.model.decomposer(zeros, temperature))
+        silence = self.model.silence_tokens(temperature)
         audio = torch.where(batch["drop_audio"][:, None, None], silence, tokens)
         text = batch["text"]
         if self.loss_config.text_dropout:

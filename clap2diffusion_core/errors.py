@@ -1,0 +1,54 @@
+"""Every error the pack raises on purpose, under one base class.
+
+Each message names what was expected, what was found and what to do. All derive from
+:class:`Clap2DiffusionError` (a ``ValueError``: every one of them is a bad input, a bad file or a
+bad wiring, never a bug), so a caller can catch the pack's errors apart from anything else.
+The modules that raise them re-export them under their historical names.
+"""
+
+from __future__ import annotations
+
+
+class Clap2DiffusionError(ValueError):
+    """Base of the pack's errors."""
+
+
+class AudioError(Clap2DiffusionError):
+    """A sound that cannot be read or used (empty, silent, NaN, unreadable); the message says why."""
+
+
+class ClapError(Clap2DiffusionError):
+    """A CLAP model folder or file that cannot be loaded; the message says what is missing."""
+
+
+class CheckpointError(Clap2DiffusionError):
+    """A file that is not a usable CLAP2Diffusion checkpoint; the message says what and what to do."""
+
+
+class ModelMismatchError(Clap2DiffusionError):
+    """A base MODEL that the CLAP2Diffusion file does not fit (another architecture, another layout)."""
+
+
+class WiringError(Clap2DiffusionError):
+    """Data on a socket that does not belong with the rest of the graph (tokens from another
+    CLAP2Diffusion file, an input missing after a pack update); the message says what to rewire."""
+
+
+class TokensFileError(Clap2DiffusionError):
+    """A saved audio-tokens file that cannot be read back (not safetensors, not tokens, a pickle)."""
+
+
+class LaionConversionError(Clap2DiffusionError):
+    """A LAION-CLAP checkpoint that cannot be converted."""
+
+
+class VocabularyError(Clap2DiffusionError):
+    """A sound-label vocabulary file that is malformed."""
+
+
+class FeatureCacheError(Clap2DiffusionError):
+    """A training feature cache that does not match the data or the models."""
+
+
+class ManifestError(Clap2DiffusionError):
+    """A training manifest that is malformed or names missing files."""
