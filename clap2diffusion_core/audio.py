@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import AudioError
+
 CLAP_SAMPLE_RATE = 48_000
 WINDOW_SECONDS = 10.0
 WINDOW_SAMPLES = int(CLAP_SAMPLE_RATE * WINDOW_SECONDS)  # 480000
@@ -31,10 +33,6 @@ MIN_SAMPLE_RATE = 1_000
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
-
-
-class AudioError(ValueError):
-    """Audio that cannot be used: the message says what was found and what to do."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,10 @@ STAGE_FILE_NAMES = {
 }
 
 
-__all__ = ["CheckpointError", "check_context_dim", "load_checkpoint", "read_metadata", "save_checkpoint"]
+__all__ = [
+    "CheckpointError", "check_context_dim", "load_checkpoint", "read_metadata", "refuse_non_safetensors",
+    "save_checkpoint",
+]
 
 
 def build_metadata(config: ModelConfig) -> dict[str, str]:
@@ -85,35 +88,34 @@ def safetensors_damage(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _refuse_non_safetensors(path: str) -> None:
-    """Name what the file is when it is not safetensors; pickles are never opened."""
+def refuse_non_safetensors(path: str, error: type[Exception] = CheckpointError, what: str = "CLAP2Diffusion") -> None:
+    """Raise ``error`` naming what the file is when it is not a whole safetensors file; pickles are
+    never opened. ``what`` names the kind of file expected, for the message."""
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) < 8:
-        raise CheckpointError(
-            f"{path}: file is empty or truncated ({len(head)} bytes); download it again"
-        )
+        raise error(f"{path}: file is empty or truncated ({len(head)} bytes); download it again")
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        raise CheckpointError(
+        raise error(
             f"{path}: this is a PyTorch pickle (.pt/.ckpt), not safetensors. Pickles can run code when "
-            "loaded, so CLAP2Diffusion only reads .safetensors files; ask for (or convert to) a "
+            f"loaded, so CLAP2Diffusion only reads .safetensors {what} files; ask for (or convert to) a "
             ".safetensors file."
         )
     if head[8:9] != b"{":
-        raise CheckpointError(
+        raise error(
             f"{path}: not a safetensors file: it starts with bytes {head[:10].hex(' ')} where a safetensors "
-            "file has an 8-byte header length and '{'. CLAP2Diffusion reads only .safetensors files "
+            f"file has an 8-byte header length and '{{'. CLAP2Diffusion reads only .safetensors {what} files "
             "(never pickles); is this the right file?"
         )
     damage = safetensors_damage(path)
     if damage:
-        raise CheckpointError(f"{path}: {damage}; download or copy it again")
+        raise error(f"{path}: {damage}; download or copy it again")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The file's metadata, checked for the keys and version this code understands."""
     path = os.fspath(path)
-    _refuse_non_safetensors(path)
+    refuse_non_safetensors(path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

@@ -25,6 +25,7 @@ from transformers import ClapConfig, ClapModel
 
 from . import laion_convert
 from .audio import CLAP_SAMPLE_RATE, WINDOW_SAMPLES, prepare_windows
+from .errors import ClapError
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ EmbedMode = Literal["first", "mean", "per_window"]
 BatchCallback = Callable[[int, int], None]
 EMBED_MODES: tuple[str, ...] = ("first", "mean", "per_window")
 CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
-
-
-class ClapError(ValueError):
-    """A CLAP file or input this pack cannot use; the message names what was found."""
 
 
 @dataclass(frozen=True)

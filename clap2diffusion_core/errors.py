@@ -34,6 +34,10 @@ class WiringError(Clap2DiffusionError):
     CLAP2Diffusion file, an input missing after a pack update); the message says what to rewire."""
 
 
+class FileNameError(Clap2DiffusionError):
+    """A file name from a graph that is not a file inside the folder its loader reads from."""
+
+
 class TokensFileError(Clap2DiffusionError):
     """A saved audio-tokens file that cannot be read back (not safetensors, not tokens, a pickle)."""
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import torch
 from transformers import ClapConfig
 
+from .errors import LaionConversionError
+
 _AUDIO = "audio_model.audio_encoder."
 _TEXT = "text_model."
 
@@ -40,10 +42,6 @@ _BLOCK_RENAMES = (
 
 _BLOCK = re.compile(r"^(layers\.\d+\.blocks\.\d+\.)(.*)$")
 _PROJECTION = re.compile(r"^(audio|text)_projection\.(0|2)\.(weight|bias)$")
-
-
-class LaionConversionError(ValueError):
-    """A laion-clap checkpoint this converter cannot turn into a ClapModel."""
 
 
 def unwrap_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:

@@ -22,15 +22,12 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
 
+from .errors import VocabularyError
 from .levels import LEVELS
 
 FORMAT = "clap2diffusion-sound-labels"
 FORMAT_VERSION = 1
 DEFAULT_VOCABULARY_PATH = os.path.join(os.path.dirname(__file__), "data", "sound_labels.json")
-
-
-class VocabularyError(ValueError):
-    """A vocabulary file that cannot be used; the message names the file and the offending entry."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ _NODE_MODULES = (
     "clap2diffusion_nodes",
     "conditioning_nodes",
     "model_nodes",
+    "token_nodes",
     "prompt_nodes",
 )
 

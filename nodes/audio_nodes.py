@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -11,6 +10,7 @@ import folder_paths
 from ..clap2diffusion_core.audio import load_audio_file, validate_waveform
 from . import types
 from .api import io, ui
+from .paths import file_fingerprint, resolve_input_file, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -20,25 +20,6 @@ def input_audio_files() -> list[str]:
     input_dir = folder_paths.get_input_directory()
     files = [f for f in os.listdir(input_dir) if os.path.isfile(os.path.join(input_dir, f))]
     return sorted(folder_paths.filter_files_content_types(files, ["audio", "video"]))
-
-
-def resolve_input_file(name: str) -> str:
-    """The real path of ``name`` inside the input folder; ``ValueError`` if it would leave it.
-
-    Refuses absolute paths, ``..`` and symlinks that point outside the folder: a workflow shared
-    with you must not read arbitrary files from your disk.
-    """
-    input_dir = os.path.realpath(folder_paths.get_input_directory())
-    if not name or os.path.isabs(name) or os.path.splitdrive(name)[0]:
-        raise ValueError(f"Audio file must be a name inside the input folder, got {name!r}.")
-    if "\x00" in name:  # os.path would only say "embedded null byte"
-        raise ValueError(f"Audio file name {name!r} contains a NUL character; pick a file from the list or upload it.")
-    path = os.path.realpath(os.path.join(input_dir, name))
-    if os.path.commonpath([path, input_dir]) != input_dir:
-        raise ValueError(f"Audio file {name!r} lies outside ComfyUI's input folder; refusing to read it.")
-    if not os.path.isfile(path):
-        raise ValueError(f"Audio file {name!r} is not in ComfyUI's input folder; upload it first.")
-    return path
 
 
 class LoadAudio(io.ComfyNode):
@@ -89,25 +70,13 @@ class LoadAudio(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, audio: str, max_seconds: float = 0.0) -> str:
-        # Re-run when the file's bytes change, not only its name (as core LoadAudio does).
-        digest = hashlib.sha256()
-        try:
-            with open(resolve_input_file(audio), "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        except (OSError, ValueError):
-            return f"missing:{audio}"  # validate_inputs reports it
-        return f"{digest.hexdigest()}:{max_seconds}"
+        return f"{file_fingerprint(audio)}:{max_seconds}"
 
     @classmethod
     def validate_inputs(cls, audio: str) -> bool | str:
         # `audio` only (no **kwargs): ComfyUI then reports a bad file once, on `audio`, and still
         # checks max_seconds against its min/max itself.
-        try:
-            resolve_input_file(audio)
-        except ValueError as err:
-            return str(err)
-        return True
+        return validation_message(resolve_input_file, audio)
 
 
 NODES: list[type[io.ComfyNode]] = [LoadAudio]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import folder_paths
 import torch
 
@@ -14,6 +12,13 @@ from ..clap2diffusion_core.preview import render_levels
 from ..clap2diffusion_core.types import AudioLevels
 from . import types
 from .api import io, ui
+from .paths import resolve_model_file, validation_message
+
+
+def resolve_clap2diffusion(name: str) -> str:
+    return resolve_model_file(
+        "clap2diffusion", name, "CLAP2Diffusion file", "models/clap2diffusion or the pack's checkpoints folder"
+    )
 
 
 class Clap2DiffusionLoader(io.ComfyNode):
@@ -44,7 +49,7 @@ class Clap2DiffusionLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, clap2diffusion_name: str) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("clap2diffusion", clap2diffusion_name)
+        path = resolve_clap2diffusion(clap2diffusion_name)
         # The decomposer and projector are small (about 2.5M parameters) and run once per sound: keep
         # them on the CPU. Stage 2/3 adapters are moved with the UNet by the model patch.
         return io.NodeOutput(load_checkpoint(path, device="cpu"))
@@ -53,15 +58,7 @@ class Clap2DiffusionLoader(io.ComfyNode):
     def validate_inputs(cls, clap2diffusion_name: str) -> bool | str:
         # ComfyUI 0.3.75 checks a V3 combo's value against its options for no node: do it here, so a
         # shared workflow naming another file is refused before anything runs.
-        name = clap2diffusion_name
-        if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-            return f"CLAP2Diffusion file {name!r} must be a name inside models/clap2diffusion."
-        if folder_paths.get_full_path("clap2diffusion", name) is None:
-            return (
-                f"CLAP2Diffusion file {name!r} not found in models/clap2diffusion or the pack's checkpoints "
-                "folder; put it there and refresh the page."
-            )
-        return True
+        return validation_message(resolve_clap2diffusion, clap2diffusion_name)
 
 
 class HierarchicalDecompose(io.ComfyNode):

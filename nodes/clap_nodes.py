@@ -16,6 +16,7 @@ from ..clap2diffusion_core.audio import validate_waveform
 from ..clap2diffusion_core.clap import CHECKPOINT_EXTENSIONS, EMBED_MODES, ClapEncoder, load_clap
 from . import types
 from .api import io
+from .paths import resolve_model_file, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,7 @@ def resolve_clap_model(name: str) -> str:
     The name must stay inside a clap folder (no absolute paths, no ``..``), as a shared workflow
     could name anything. Symlinks placed inside the folder are followed: users link model folders.
     """
-    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
-        raise FileNotFoundError(f"CLAP model {name!r} must be a name inside models/clap.")
-    for base in clap_folders():
-        path = os.path.join(base, os.path.normpath(name))
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(
-        f"CLAP model {name!r} not found in models/clap ({', '.join(clap_folders()) or 'no folder'})."
-    )
+    return resolve_model_file(FOLDER, name, "CLAP model")
 
 
 @dataclass
@@ -127,11 +120,7 @@ class ClapLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, clap_name: str) -> bool | str:
-        try:
-            resolve_clap_model(clap_name)
-        except FileNotFoundError as err:
-            return str(err)
-        return True
+        return validation_message(resolve_clap_model, clap_name)
 
 
 class ClapEncode(io.ComfyNode):

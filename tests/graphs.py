@@ -14,6 +14,7 @@ from tools.comfy_server import ComfyClient, Graph, NodeRef
 CHECKPOINT = Path(tm.SD15_CHECKPOINT).name
 CLAP = Path(tm.CLAP_FOLDER).name
 CLAP2DIFFUSION = Path(tm.CLAP2DIFFUSION).name
+STAGE3 = Path(tm.CLAP2DIFFUSION_ADAPTER).name
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -109,3 +110,29 @@ def audio_to_image(
         ).out
     sample(g, ckpt[0], ckpt, positive, negative, seed=seed, batch_size=batch_size)
     return g
+
+
+def round_trip_graphs(tokens_file: str | None, strength: float = 1.0) -> tuple[Graph, str]:
+    """A stage-3 file's tokens into both injections -> a 128 px image, 2 steps.
+
+    ``tokens_file=None``: the tokens come from the sound (levels 1.5 / 1 / 0.5) and Save Audio
+    Tokens writes them (its node id is returned); else Load Audio Tokens reads them.
+    """
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    positive = g.node("CLIPTextEncode", clip=ckpt[1], text="a beach").out
+    negative = g.node("CLIPTextEncode", clip=ckpt[1], text="blurry, low quality").out
+    save_id = ""
+    if tokens_file is None:
+        tokens = audio_tokens(g, "thunder.wav", levels=(1.5, 1.0, 0.5), clap2diffusion=STAGE3)
+        c2d = model_of(g, tokens)
+        save_id = g.node("C2D_SaveAudioTokens", audio_tokens=tokens.out, filename_prefix="c2d_tokens/test").id
+    else:
+        tokens = g.node("C2D_LoadAudioTokens", tokens_file=tokens_file)
+        c2d = g.node("C2D_Clap2DiffusionLoader", clap2diffusion_name=STAGE3).out
+    positive = g.node("C2D_ApplyAudioToConditioning", conditioning=positive, audio_tokens=tokens.out,
+                      strength=strength).out
+    model = g.node("C2D_ApplyAudioToModel", model=ckpt[0], audio_tokens=tokens.out, clap2diffusion=c2d,
+                   strength=strength, start_percent=0.0, end_percent=1.0).out
+    sample(g, model, ckpt, positive, negative, steps=2, size=128, prefix="c2d_roundtrip")
+    return g, save_id

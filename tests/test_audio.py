@@ -334,7 +334,7 @@ def test_load_audio_node_refuses_paths_outside_the_input_folder(load_audio_node,
     assert node.validate_inputs("sub/rain.flac") is True
     assert "outside" in node.validate_inputs("../secret.wav")
     assert "outside" in node.validate_inputs("link.wav")
-    assert "inside the input folder" in node.validate_inputs(str(secret))
+    assert "inside ComfyUI's input folder" in node.validate_inputs(str(secret))
     assert "upload it" in node.validate_inputs("missing.wav")
     with pytest.raises(ValueError, match="outside"):
         node.execute("../secret.wav")

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..audio import AudioError
+from ..errors import FeatureCacheError
 from .encoders import AudioEmbedder, ClipTextEncoder, LatentEncoder, load_image
 from .manifest import ManifestEntry
 
@@ -40,10 +41,6 @@ FORMAT_VERSION = 1
 FIELDS = ("clap", "text", "text_pooled", "latents")
 EMPTY_CAPTION = "empty_caption.safetensors"
 _SHARD = re.compile(r"shard-r(\d+)-(\d+)\.safetensors$")
-
-
-class FeatureCacheError(ValueError):
-    """A cache that cannot be used as asked; the message says why and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

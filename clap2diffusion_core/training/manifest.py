@@ -19,12 +19,10 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..errors import ManifestError
+
 SPLITS = ("train", "val", "test")
 COLUMNS = ("id", "audio", "image", "caption", "split")
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be read; the message names the file, the line and what is wrong."""
 
 
 @dataclasses.dataclass(frozen=True)
