@@ -8,9 +8,10 @@ ClapModel = io.Custom("CLAP_MODEL")
 ClapEmbeds = io.Custom("CLAP_EMBEDS")
 #: A loaded CLAP2Diffusion file (``clap2diffusion_core.model.CLAP2DiffusionModel``).
 Clap2DiffusionModel = io.Custom("CLAP2DIFFUSION")
-#: ``clap2diffusion_core.types.AudioLevels`` plus the model that made them.
+#: ``clap2diffusion_core.types.AudioLevels``: data only (the model travels on CLAP2DIFFUSION).
 AudioLevels = io.Custom("AUDIO_LEVELS")
-#: ``clap2diffusion_core.types.AudioTokens``: ``[B, 77, C]`` tokens for either injection.
+#: ``clap2diffusion_core.types.AudioTokens``: ``[B, 77, C]`` tokens for either injection, with their
+#: level weights and the fingerprint of the file that made them; no model.
 AudioTokens = io.Custom("AUDIO_TOKENS")
 
 CATEGORY = "audio/clap2diffusion"
