@@ -112,7 +112,7 @@ def audio_to_image(
     return g
 
 
-def round_trip_graphs(tokens_file: str | None, strength: float = 1.0) -> tuple[Graph, str]:
+def round_trip_graphs(tokens_file: str | None) -> tuple[Graph, str]:
     """A stage-3 file's tokens into both injections -> a 128 px image, 2 steps.
 
     ``tokens_file=None``: the tokens come from the sound (levels 1.5 / 1 / 0.5) and Save Audio
@@ -131,8 +131,8 @@ def round_trip_graphs(tokens_file: str | None, strength: float = 1.0) -> tuple[G
         tokens = g.node("C2D_LoadAudioTokens", tokens_file=tokens_file)
         c2d = g.node("C2D_Clap2DiffusionLoader", clap2diffusion_name=STAGE3).out
     positive = g.node("C2D_ApplyAudioToConditioning", conditioning=positive, audio_tokens=tokens.out,
-                      strength=strength).out
+                      strength=1.0).out
     model = g.node("C2D_ApplyAudioToModel", model=ckpt[0], audio_tokens=tokens.out, clap2diffusion=c2d,
-                   strength=strength, start_percent=0.0, end_percent=1.0).out
+                   strength=1.0, start_percent=0.0, end_percent=1.0).out
     sample(g, model, ckpt, positive, negative, steps=2, size=128, prefix="c2d_roundtrip")
     return g, save_id

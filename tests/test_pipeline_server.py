@@ -137,9 +137,10 @@ def test_saved_then_loaded_audio_tokens_give_the_same_image_as_the_direct_graph(
         copy.write_bytes(comfy.view(filename, subfolder, "output"))
         uploaded = comfy.upload_file(copy, subfolder="c2d_tokens")
     loaded, _ = round_trip_graphs(uploaded)
+    # The direct image carries the sound (test_sound_and_text_give_an_image_that_depends_on_the_sound
+    # and the model-injection tests show each injection changes the image), so equality means the
+    # loaded tokens, their level weights and their source all arrived.
     assert np.array_equal(run_image(comfy, loaded.prompt()), direct_image)
-    text_only = run_image(comfy, round_trip_graphs(uploaded, strength=0.0)[0].prompt())
-    assert not np.array_equal(text_only, direct_image), "the loaded tokens did not reach the sampler"
 
 
 @pytest.mark.parametrize("node", ["C2D_AudioProject", "C2D_ApplyAudioToModel"])
