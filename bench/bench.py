@@ -218,8 +218,7 @@ class Setup:
         start = time.perf_counter()
         self.patched = self.patch.apply_audio_to_model(self.model, self.c2d, self.tokens)
         self.apply_ms = (time.perf_counter() - start) * 1000
-        replaces = self.patched.model_options["transformer_options"]["patches_replace"]["attn2"]
-        self.injection = next(iter(replaces.values())).injection
+        self.injection = self.patch.audio_injections(self.patched)[0]
         self.kv = self.injection.kv
 
         size = args.size
@@ -234,8 +233,7 @@ class Setup:
         read: a device sync on cuda). Real ranges also switch the sound off in some steps, which
         would hide the read's cost; here the range is everything, so only the read differs."""
         patched = self.patch.apply_audio_to_model(self.model, self.c2d, self.tokens)
-        replaces = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
-        injection = next(iter(replaces.values())).injection
+        injection = self.patch.audio_injections(patched)[0]
         injection.full_range = False  # sigma_range stays (inf, 0): every sigma is in range
         return patched
 

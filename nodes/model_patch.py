@@ -1,38 +1,53 @@
-"""The model injection on ComfyUI's side: gated audio cross-attention as ``attn2`` replace patches.
+"""The model injection on ComfyUI's side: gated audio cross-attention composed into ``attn2``.
 
-``apply_audio_to_model`` returns a clone of the ModelPatcher with one :class:`AudioAttn2Patch` per
-open adapter layer, registered with ``set_model_attn2_replace`` under ComfyUI's
-``(block, number, transformer_index)`` key. ComfyUI calls it with the layer's projected q, k, v
-(so LoRA weight patches on to_q/to_k/to_v apply) and applies the layer's to_out to what it returns:
+ComfyUI runs a layer's ``attn2`` replace patch with the layer's projected q, k, v (so LoRA weight
+patches on to_q/to_k/to_v apply) and applies the layer's to_out to what it returns. Ours adds the
+audio to whatever that layer would compute without us:
 
-    text  = optimized_attention(q, k, v)                # what the unpatched layer computes, bit for bit
-    out   = text + attn(q, k_audio, v_audio * w)       # clap2diffusion_core.audio_attention
+    inner = the replace ComfyUI would call at this layer, else the text attention
+    out   = inner(q, k, v) + attn(q, k_audio, v_audio * w)       # clap2diffusion_core.audio_attention
+
+**Composed at call time, never stored in the patch table.** ``apply_audio_to_model`` leaves the
+MODEL's ``patches_replace`` alone and registers one :class:`AudioInjection` as a
+``DIFFUSION_MODEL`` wrapper (ComfyUI's patcher-extension API). At each UNet call the wrapper reads
+the attn2 table the UNet is about to use (whatever any pack put there, before or after ours, at a
+``(block, number)`` or ``(block, number, transformer_index)`` key, in place or not), and hands the
+UNet a copy in which each of our layers' three-part key holds an :class:`AudioAttn2Patch` wrapping
+exactly what ComfyUI would have called there (the three-part entry, else the two-part one, else
+nothing). So the order of Apply Audio to Model and other attention patches does not matter, a
+patch added after ours is never shadowed, and no shared patch object is ever mutated. Packs that
+stack IPAdapter-style (``.add`` on the object at a key) never meet our object, so it needs no
+``.add``. Two sounds are two wrappers; the later one wraps the earlier one's layers.
+
+**Never a silent drop.** Before sampling (ON_PRE_RUN) the injection checks that the UNet that will
+run still has every layer it patches (a later node may swap the UNet); after the first UNet call
+of a run it checks that every one of its layers was reached (a later wrapper may replace the attn2
+entries without calling them). Either failure raises :class:`AudioNotReachedError`, which names
+what stood in the way and the order that works.
 
 Cost per step: the audio keys/values of every layer, for the sound and for silence, are computed
 once when the node runs (:class:`~clap2diffusion_core.audio_attention.AudioKV`), held in their own
-ModelPatcher (exposed through ``models()``, so ComfyUI loads them with the UNet and offloads them
-after) and stored in the UNet's compute dtype. The adapter's projection weights are not needed
-while sampling at all. A step adds one attention over 77 tokens and one add per layer; the
-per-row stack for a batch layout (``cond_or_uncond``) is assembled on the first step and reused.
-
-Patch objects never change after registration (``clone()`` deep-copies model_options; ours return
-themselves). Stacking a second sound wraps the patch already at a key (ours or another pack's):
-the new patch calls it for the "text" part, then adds its own audio term.
+ModelPatcher (an additional model of the patched MODEL, so ComfyUI loads them with the UNet and
+offloads them after) and stored in the UNet's compute dtype. A step adds one attention over 77
+tokens and one add per layer; the per-row stack for a batch layout (``cond_or_uncond``) is
+assembled on the first step and reused, and so is the composed attn2 table (until the table or
+the UNet changes).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.utils
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.model_patcher import ModelPatcher
-from comfy.patcher_extension import CallbacksMP
+from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..clap2diffusion_core.adapters import AdapterLayer, AudioAdapter, canonical_order
 from ..clap2diffusion_core.audio_attention import COND, AudioKV, add_audio
@@ -42,10 +57,15 @@ from ..clap2diffusion_core.types import AudioTokens
 
 log = logging.getLogger(__name__)
 
-#: Key of our ON_PRE_RUN callbacks on the ModelPatcher.
+#: Key of our DIFFUSION_MODEL wrappers, ON_PRE_RUN callbacks and additional models on a ModelPatcher.
 CALLBACK_KEY = "clap2diffusion_audio"
 
 Attn2Replace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+LayerKey = tuple[str, int, int]
+
+
+class AudioNotReachedError(ModelMismatchError):
+    """Apply Audio to Model's audio attention cannot act in layers it patched (something replaced them)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,26 +79,20 @@ def comfy_layout(model: ModelPatcher) -> tuple[tuple[AdapterLayer, ...], int | N
     return unet_layout(unet, unet_config)
 
 
-def unet_layout(unet: torch.nn.Module, unet_config: dict) -> tuple[tuple[AdapterLayer, ...], int | None]:
-    """The cross-attention layers of a ComfyUI ``UNetModel`` and their context size (None if mixed).
+def cross_attentions(unet: torch.nn.Module) -> dict[LayerKey, tuple[str, torch.nn.Module]]:
+    """``{(block, number, transformer_index): (ldm name prefix, attn2 module)}`` of a ComfyUI UNetModel.
 
-    Keys are those BasicTransformerBlock looks up (``(block, number, transformer_index)``); the
-    diffusers names come from ComfyUI's own ``unet_to_diffusers`` map (empty if it has none).
+    Keys are those BasicTransformerBlock looks up; empty if ``unet`` is not a UNetModel.
     """
     if not hasattr(unet, "input_blocks"):
-        raise ModelMismatchError(
-            f"Apply Audio to Model needs an SD1.5-family UNet; this MODEL is {type(unet).__name__}"
-        )
-    to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(unet_config).items()}
+        return {}
     groups: list[tuple[str, int, str, Any]] = [
         ("input", i, f"input_blocks.{i}", m) for i, m in enumerate(unet.input_blocks)
     ]
     if unet.middle_block is not None:
         groups.append(("middle", 0, "middle_block", unet.middle_block))
     groups += [("output", i, f"output_blocks.{i}", m) for i, m in enumerate(unet.output_blocks)]
-
-    layers: list[AdapterLayer] = []
-    context_dims: set[int] = set()
+    found: dict[LayerKey, tuple[str, torch.nn.Module]] = {}
     for block, number, prefix, seq in groups:
         for pos, module in enumerate(seq):
             if not isinstance(module, SpatialTransformer):
@@ -87,10 +101,26 @@ def unet_layout(unet: torch.nn.Module, unet_config: dict) -> tuple[tuple[Adapter
                 attn = getattr(tb, "attn2", None)
                 if attn is None or getattr(tb, "switch_temporal_ca_to_sa", False):
                     continue
-                ldm = f"{prefix}.{pos}.transformer_blocks.{t}.attn2.to_q.weight"
-                name = to_diffusers.get(ldm, "").removesuffix(".to_q.weight")
-                layers.append(AdapterLayer((block, number, t), name, attn.heads * attn.dim_head, attn.heads))
-                context_dims.add(attn.to_k.in_features)
+                found[(block, number, t)] = (f"{prefix}.{pos}.transformer_blocks.{t}.attn2", attn)
+    return found
+
+
+def unet_layout(unet: torch.nn.Module, unet_config: dict) -> tuple[tuple[AdapterLayer, ...], int | None]:
+    """The cross-attention layers of a ComfyUI ``UNetModel`` and their context size (None if mixed).
+
+    The diffusers names come from ComfyUI's own ``unet_to_diffusers`` map (empty if it has none).
+    """
+    if not hasattr(unet, "input_blocks"):
+        raise ModelMismatchError(
+            f"Apply Audio to Model needs an SD1.5-family UNet; this MODEL is {type(unet).__name__}"
+        )
+    to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(unet_config).items()}
+    layers: list[AdapterLayer] = []
+    context_dims: set[int] = set()
+    for key, (ldm, attn) in cross_attentions(unet).items():
+        name = to_diffusers.get(f"{ldm}.to_q.weight", "").removesuffix(".to_q.weight")
+        layers.append(AdapterLayer(key, name, attn.heads * attn.dim_head, attn.heads))
+        context_dims.add(attn.to_k.in_features)
     layers.sort(key=lambda layer: canonical_order(layer.key))
     return tuple(layers), (context_dims.pop() if len(context_dims) == 1 else None)
 
@@ -101,53 +131,94 @@ def compute_dtype(model: ModelPatcher) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------------
-# the patch
+# the text attention, as the unpatched layer calls it
 
 
-def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-    """Exactly what an unpatched ``CrossAttention`` computes between to_q/to_k/to_v and to_out.
+def text_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict, layer: torch.nn.Module | None = None
+) -> torch.Tensor:
+    """Exactly what the unpatched ``CrossAttention`` ``layer`` computes between to_q/to_k/to_v and to_out.
 
-    Looked up at call time: ``optimized_attention`` is chosen when ComfyUI starts (pytorch, xformers,
-    sage, sub-quadratic) and must be the same function the plain model uses.
+    ``optimized_attention`` is looked up at call time: it is chosen when ComfyUI starts (pytorch,
+    xformers, sage, sub-quadratic, ...) and must be the function the plain model uses. Newer ComfyUI
+    (0.38) layers own an attention preference (``layer.comfy_attention``) that they pass as
+    ``preferred_attention=`` with q/k/v wrapped in ``AttentionTensorContainer`` (it lets a backend
+    such as int8 attention take ownership); both are passed through where they exist (feature
+    detection, so 0.3.x, which has neither, gets the plain call).
     """
-    return comfy_attention.optimized_attention(
-        q, k, v, extra_options["n_heads"],
-        attn_precision=extra_options.get("attn_precision"),
-        transformer_options=extra_options,
-    )  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "attn_precision": extra_options.get("attn_precision"),
+        "transformer_options": extra_options,
+    }
+    preferred = getattr(layer, "comfy_attention", None)
+    if preferred is not None:
+        kwargs["preferred_attention"] = preferred
+        container = getattr(comfy_attention, "AttentionTensorContainer", None)
+        if container is not None:
+            q, k, v = container(q), container(k), container(v)
+    return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"], **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# the injection (one per Apply Audio to Model) and its per-layer patch
 
 
 class AudioInjection:
-    """One Apply Audio to Model: a sound's keys/values (in a ModelPatcher) and when they act.
+    """One Apply Audio to Model: a sound's keys/values (in a ModelPatcher), where and when they act.
 
-    Shared by the per-layer patches of one application. Its only state besides the immutable
-    settings is derived: the sigma range (re-read from the sampling model at each run's start,
-    because a ModelSampling node may follow ours) and a one-entry memo of the in-range decision
-    per model call, so the one host read of sigma happens once per call, not once per layer.
+    Registered as the patched MODEL's ``DIFFUSION_MODEL`` wrapper: at each UNet call it composes its
+    layers into the attn2 table that call uses (see the module docstring). Shared, never copied, by
+    every clone of the MODEL. Its only state besides the immutable settings is derived: the sigma
+    range (re-read from the sampling model at each run's start, because a ModelSampling node may
+    follow ours), a one-entry memo of the in-range decision per UNet call, a one-entry memo of the
+    composed table, and whether this run's first UNet call has been checked.
     """
 
     def __init__(
         self,
         kv_patcher: ModelPatcher,
+        keys: Sequence[LayerKey],
         model: ModelPatcher,
         start_percent: float = 0.0,
         end_percent: float = 1.0,
     ) -> None:
         self.kv_patcher = kv_patcher
+        self.keys: tuple[LayerKey, ...] = tuple(keys)  # slot i -> its layer's key
         self.start_percent = float(start_percent)
         self.end_percent = float(end_percent)
         self.full_range = self.start_percent <= 0.0 and self.end_percent >= 1.0
         self.sigma_range = (float("inf"), 0.0)
         self._last: tuple[torch.Tensor | None, bool] = (None, True)
+        self._composed: tuple[Any, Any, dict] | None = None  # (attn2 table in, unet, attn2 table out)
+        self.reached: set[int] = set()
+        self.checked = False
         if not self.full_range:
-            self.pre_run(model)
+            self.resolve_sigmas(model)
 
     @property
     def kv(self) -> AudioKV:
         return self.kv_patcher.model
 
+    # -- before sampling
+
     def pre_run(self, patcher: ModelPatcher) -> None:
-        """ON_PRE_RUN callback: resolve the percents with the model_sampling that will sample."""
+        """ON_PRE_RUN callback: check the UNet that will run, resolve the percents, re-arm the check."""
+        unet = patcher.get_model_object("diffusion_model")
+        missing = [key for key in self.keys if key not in cross_attentions(unet)]
+        if missing:
+            raise AudioNotReachedError(
+                f"Apply Audio to Model patched cross-attention layers {_keys(missing)}, but the UNet this "
+                f"MODEL will sample with ({type(unet).__name__}) has no such layers: a node after Apply Audio "
+                "to Model replaced the UNet (e.g. a compile, TensorRT or model-merge node). Put Apply Audio "
+                "to Model after that node, directly before the sampler."
+            )
+        self.resolve_sigmas(patcher)
+        self.checked = False
+
+    def resolve_sigmas(self, patcher: ModelPatcher) -> None:
+        """The percents as sigmas of the model_sampling that will sample."""
+        if self.full_range:
+            return
         sampling = patcher.get_model_object("model_sampling")
         self.sigma_range = (
             float(sampling.percent_to_sigma(self.start_percent)),
@@ -167,48 +238,127 @@ class AudioInjection:
         self._last = (sigmas, decision)
         return decision
 
-    def to(self, device_or_dtype: torch.device | torch.dtype) -> None:
-        if isinstance(device_or_dtype, torch.device):
-            self.kv.clear_memo()  # batches assembled on the old device
+    # -- each UNet call
+
+    def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        """DIFFUSION_MODEL wrapper: run the UNet with our layers composed into its attn2 table.
+
+        ``UNetModel.forward`` passes ``(x, timesteps, context, y, control, transformer_options)``
+        positionally (0.3.x); a keyword ``transformer_options`` is handled too.
+        """
+        positional = "transformer_options" not in kwargs and len(args) > 5
+        options = args[5] if positional else kwargs.get("transformer_options")
+        if not isinstance(options, dict):
+            raise AudioNotReachedError(
+                "Apply Audio to Model could not find the UNet call's transformer_options (found "
+                f"{type(options).__name__}); this ComfyUI calls the UNet in a way this version of the pack "
+                "does not know. Update the pack, or use Apply Audio to Conditioning."
+            )
+        options = self.compose(options, executor.class_obj)
+        if positional:
+            args = (*args[:5], options, *args[6:])
+        else:
+            kwargs["transformer_options"] = options
+        if self.checked:
+            return executor(*args, **kwargs)
+        self.reached = set()
+        out = executor(*args, **kwargs)
+        self.check_reached(options)
+        return out
+
+    def compose(self, options: dict, unet: torch.nn.Module) -> dict:
+        """A shallow copy of ``options`` whose attn2 table holds our patch at each of our layers."""
+        replaces = options.get("patches_replace", {})
+        table = replaces.get("attn2", {})
+        memo = self._composed
+        if memo is None or memo[0] is not table or memo[1] is not unet:
+            layers = cross_attentions(unet)
+            composed = dict(table)
+            for slot, key in enumerate(self.keys):
+                inner = table.get(key, table.get(key[:2]))  # what ComfyUI would call at this layer
+                module = layers[key][1] if key in layers else None
+                composed[key] = AudioAttn2Patch(self, slot, inner, module)
+            memo = self._composed = (table, unet, composed)
+        return {**options, "patches_replace": {**replaces, "attn2": memo[2]}}
+
+    def check_reached(self, options: dict) -> None:
+        """After a run's first UNet call: every layer we patched must have run our patch."""
+        self.checked = True
+        missing = [key for slot, key in enumerate(self.keys) if slot not in self.reached]
+        if not missing:
+            return
+        wrappers = comfy.patcher_extension.get_all_wrappers(WrappersMP.DIFFUSION_MODEL, options)
+        others = [_name(w) for w in wrappers if not isinstance(w, AudioInjection)]
+        raise AudioNotReachedError(
+            f"Apply Audio to Model's audio attention did not run in {len(missing)} of {len(self.keys)} "
+            f"patched layers ({_keys(missing)}): something that runs after it replaced those layers' "
+            "cross-attention without calling what was there"
+            + (f" (other UNet wrappers on this MODEL: {', '.join(others)})" if others else "")
+            + ". Apply that node before Apply Audio to Model, or remove it; the sound would otherwise be "
+            "silently missing from the image."
+        )
+
+    def __deepcopy__(self, memo: dict) -> AudioInjection:
+        return self  # shared by clones; ModelPatcher.clone() deep-copies model_options
+
+    def __repr__(self) -> str:
+        return f"AudioInjection(layers={len(self.keys)}, percent={self.start_percent}..{self.end_percent})"
 
 
 class AudioAttn2Patch:
-    """``attn2`` replace for one layer: the text attention (or the replace it wraps) + the audio."""
+    """``attn2`` replace for one layer of one call: what was there (or the text attention) + the audio."""
 
-    def __init__(self, injection: AudioInjection, slot: int, inner: Attn2Replace | None = None) -> None:
+    __slots__ = ("injection", "slot", "inner", "layer")
+
+    def __init__(
+        self,
+        injection: AudioInjection,
+        slot: int,
+        inner: Attn2Replace | None = None,
+        layer: torch.nn.Module | None = None,
+    ) -> None:
         self.injection = injection
         self.slot = slot
         self.inner = inner
+        self.layer = layer  # the CrossAttention module, for the text call's preferred_attention
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         """``q [B, S, H*d]``, ``k``/``v [B, T, H*d]`` (projected) -> ``[B, S, H*d]`` before to_out."""
-        out = text_attention(q, k, v, extra_options) if self.inner is None else self.inner(q, k, v, extra_options)
         injection = self.injection
+        if not injection.checked:
+            injection.reached.add(self.slot)
+        if self.inner is None:
+            out = text_attention(q, k, v, extra_options, self.layer)
+        else:
+            out = self.inner(q, k, v, extra_options)
         if not injection.active(extra_options.get("sigmas")):
             return out
         chunks = extra_options.get("cond_or_uncond") or [COND]
         key, value = injection.kv.batch(self.slot, chunks, q.shape[0] // len(chunks), q.device, q.dtype)
         return add_audio(out, q, key, value)
 
-    def models(self) -> list[ModelPatcher]:
-        inner = getattr(self.inner, "models", None)
-        return [self.injection.kv_patcher] + (list(inner()) if inner is not None else [])
-
-    def to(self, device_or_dtype: torch.device | torch.dtype) -> AudioAttn2Patch:
-        self.injection.to(device_or_dtype)
-        inner_to = getattr(self.inner, "to", None)
-        if inner_to is not None:
-            moved = inner_to(device_or_dtype)
-            if moved is not self.inner:  # never mutate a registered patch: make a new one
-                return AudioAttn2Patch(self.injection, self.slot, moved)
-        return self
-
-    def __deepcopy__(self, memo: dict) -> AudioAttn2Patch:
-        return self  # immutable; ModelPatcher.clone() deep-copies model_options
-
     def __repr__(self) -> str:
-        layer = self.injection.kv.layers[self.slot]
-        return f"AudioAttn2Patch(layer={layer}, inner={type(self.inner).__name__ if self.inner else None})"
+        inner = type(self.inner).__name__ if self.inner is not None else None
+        return f"AudioAttn2Patch(layer={self.injection.keys[self.slot]}, inner={inner})"
+
+
+def _keys(keys: Sequence[LayerKey]) -> str:
+    shown = ", ".join(f"{b}.{n}.{t}" for b, n, t in keys[:4])
+    return shown + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def _name(obj: Any) -> str:
+    owner = getattr(obj, "__self__", None)
+    target = owner if owner is not None else obj
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
+
+
+def audio_injections(model: ModelPatcher) -> tuple[AudioInjection, ...]:
+    """The Apply Audio to Model injections on ``model``, first applied first."""
+    wrappers = comfy.patcher_extension.get_wrappers_with_key(
+        WrappersMP.DIFFUSION_MODEL, CALLBACK_KEY, model.model_options, is_model_options=True
+    )
+    return tuple(w for w in wrappers if isinstance(w, AudioInjection))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,15 +411,17 @@ def apply_audio_to_model(
     kv_patcher = comfy.model_patcher.ModelPatcher(
         kv, load_device=model.load_device, offload_device=model.offload_device
     )
-    patched = model.clone()
-    injection = AudioInjection(kv_patcher, patched, start_percent, end_percent)
-    if not injection.full_range:
-        patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, injection.pre_run)
-    replaces = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     specs = adapter.config.layer_specs()
-    for slot, index in enumerate(kv.layers):
-        key = specs[index].key
-        inner = replaces.get(key, replaces.get(key[:2]))  # ComfyUI falls back to (block, number)
-        patched.set_model_attn2_replace(AudioAttn2Patch(injection, slot, inner), *key)
+    patched = model.clone()
+    injection = AudioInjection(kv_patcher, [specs[i].key for i in kv.layers], patched, start_percent, end_percent)
+    # In model_options (not only the patcher's own wrappers), so the wrapper also runs when something
+    # calls the UNet with the MODEL's transformer_options outside a sampler.
+    comfy.patcher_extension.add_wrapper_with_key(
+        WrappersMP.DIFFUSION_MODEL, CALLBACK_KEY, injection, patched.model_options, is_model_options=True
+    )
+    patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, injection.pre_run)
+    patched.set_additional_models(
+        CALLBACK_KEY, [*patched.get_additional_models_with_key(CALLBACK_KEY), kv_patcher]
+    )
     log.debug("clap2diffusion: audio attention on %d of %d layers", len(kv), len(specs))
     return patched

@@ -216,29 +216,34 @@ def _replaces(model) -> dict:
     return model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
 
 
+TINY_KEYS = [("input", 1, 0), ("middle", 0, 0), ("output", 0, 0), ("output", 1, 0)]
+
+
 def test_apply_returns_a_clone_and_leaves_the_input_model_alone(comfy_tiny):
     patch, model, c2d = comfy_tiny
-    before = copy.copy(model.model_options["transformer_options"])
+    before = copy.deepcopy(model.model_options)
     patched = patch.apply_audio_to_model(model, c2d, _audio(c2d))
     assert patched is not model and patched.model is model.model  # same weights, new options
-    assert model.model_options["transformer_options"] == before and not _replaces(model)
-    assert set(_replaces(patched)) == {("input", 1, 0), ("middle", 0, 0), ("output", 0, 0), ("output", 1, 0)}
+    assert model.model_options == before and not patch.audio_injections(model)
+    (injection,) = patch.audio_injections(patched)
+    assert list(injection.keys) == TINY_KEYS
+    assert not _replaces(patched), "the patch table is composed at call time, never stored"
 
 
-def test_patches_survive_clone_and_deepcopy_as_the_same_objects(comfy_tiny):
+def test_the_injection_survives_clone_and_deepcopy_as_the_same_object(comfy_tiny):
     patch, model, c2d = comfy_tiny
     patched = patch.apply_audio_to_model(model, c2d, _audio(c2d))
-    one = _replaces(patched)[("middle", 0, 0)]
+    (one,) = patch.audio_injections(patched)
     assert copy.deepcopy(one) is one
     again = patched.clone()
-    assert _replaces(again)[("middle", 0, 0)] is one
-    assert again.model_patches_models() and all(m is one.injection.kv_patcher for m in again.model_patches_models())
+    assert patch.audio_injections(again) == (one,)
+    assert [m.model for m in again.get_additional_models_with_key(patch.CALLBACK_KEY)] == [one.kv]
 
 
 def test_adapter_keys_and_values_live_in_a_model_patcher(comfy_tiny):
     patch, model, c2d = comfy_tiny
     patched = patch.apply_audio_to_model(model, c2d, _audio(c2d))
-    kv_patcher = _replaces(patched)[("input", 1, 0)].models()[0]
+    (kv_patcher,) = patched.get_additional_models_with_key(patch.CALLBACK_KEY)
     assert isinstance(kv_patcher.model, comfy_pack.load("clap2diffusion_core.audio_attention").AudioKV)
     assert kv_patcher.model_size() == sum(p.numel() * p.element_size() for p in kv_patcher.model.parameters())
     assert kv_patcher.load_device == model.load_device and kv_patcher.offload_device == model.offload_device
@@ -246,13 +251,14 @@ def test_adapter_keys_and_values_live_in_a_model_patcher(comfy_tiny):
 
 def test_comfyui_memory_management_loads_the_keys_and_values_with_the_unet(comfy_tiny):
     import comfy.model_management as mm
+    import comfy.sampler_helpers
 
     patch, model, c2d = comfy_tiny
     patched = patch.apply_audio_to_model(model, c2d, _audio(c2d))
-    kv_patcher = _replaces(patched)[("middle", 0, 0)].injection.kv_patcher
+    (injection,) = patch.audio_injections(patched)
     try:
-        mm.load_models_gpu([patched])
-        assert any(loaded.model is kv_patcher for loaded in mm.current_loaded_models)
+        comfy.sampler_helpers.prepare_sampling(patched, (1, 4, 8, 8), {}, patched.model_options)  # as KSampler
+        assert any(loaded.model.model is injection.kv for loaded in mm.current_loaded_models)
     finally:
         mm.unload_all_models()
 
@@ -267,15 +273,21 @@ def test_strength_0_or_closed_gates_return_the_input_model(comfy_tiny):
     assert patch.apply_audio_to_model(model, closed, _audio(closed)) is model
 
 
-def test_stacking_wraps_the_patch_already_there(comfy_tiny):
+def test_stacking_adds_a_second_injection_and_leaves_the_first_model_alone(comfy_tiny):
     patch, model, c2d = comfy_tiny
     first = patch.apply_audio_to_model(model, c2d, _audio(c2d, 1), strength=0.5)
     second = patch.apply_audio_to_model(first, c2d, _audio(c2d, 2), strength=1.5, start_percent=0.2)
-    key = ("output", 1, 0)
-    outer, inner = _replaces(second)[key], _replaces(first)[key]
-    assert outer.inner is inner and inner.inner is None  # the first model's patch is untouched
-    assert outer.injection is not inner.injection
-    assert {id(m) for m in outer.models()} == {id(outer.injection.kv_patcher), id(inner.injection.kv_patcher)}
+    (inner,) = patch.audio_injections(first)
+    assert patch.audio_injections(second)[0] is inner and len(patch.audio_injections(second)) == 2
+    outer = patch.audio_injections(second)[1]
+    assert {id(m.model) for m in second.get_additional_models_with_key(patch.CALLBACK_KEY)} == {
+        id(inner.kv), id(outer.kv)}
+    # composed at call time: the second sound's patch wraps the first one's at every layer
+    options = inner.compose(second.model_options["transformer_options"], model.model.diffusion_model)
+    options = outer.compose(options, model.model.diffusion_model)
+    table = options["patches_replace"]["attn2"]
+    assert all(table[key].injection is outer and table[key].inner.injection is inner for key in TINY_KEYS)
+    assert all(table[key].inner.inner is None for key in TINY_KEYS)
 
 
 def test_stage_1_files_and_other_layouts_are_refused_with_a_clear_message(comfy_tiny):
