@@ -188,6 +188,97 @@ def test_training_gradients_reach_gates_projections_and_routing(pack, models, in
 
 
 # ------------------------------------------------------------------------------------------------
+# the text part calls exactly what the unpatched layer calls (0.3.75, and the newer API simulated)
+
+
+class FakeContainer:
+    """Stand-in for ComfyUI 0.38's ``AttentionTensorContainer`` (single-owner q/k/v; ``take()``)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def take(self) -> torch.Tensor:
+        tensor, self.tensor = self.tensor, None
+        return tensor
+
+
+def forward_038(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006
+    """``CrossAttention.forward`` with the newer call: q/k/v in containers, ``preferred_attention=``."""
+    import comfy.ldm.modules.attention as attention
+
+    q = self.to_q(x)
+    context = x if context is None else context
+    k = self.to_k(context)
+    v = self.to_v(context if value is None else value)
+    box = attention.AttentionTensorContainer
+    out = attention.optimized_attention(
+        box(q), box(k), box(v), self.heads, attn_precision=self.attn_precision,
+        transformer_options=transformer_options, preferred_attention=self.comfy_attention,
+    )  # fmt: skip
+    return self.to_out(out)
+
+
+def text_calls(model, latent, text, monkeypatch) -> list[tuple]:
+    """How each cross-attention text call (k over 77 tokens) reaches ``optimized_attention``."""
+    import comfy.ldm.modules.attention as attention
+
+    original, calls = attention.optimized_attention, []
+
+    def record(q, k, v, heads, *args, **kwargs):
+        boxed = isinstance(q, FakeContainer)
+        if boxed:
+            q, k, v = q.take(), k.take(), v.take()
+        if k.shape[1] == 77:
+            options = kwargs.get("transformer_options", {})
+            calls.append((
+                boxed, heads, tuple(sorted(kwargs)), id(kwargs.get("preferred_attention")),
+                kwargs.get("attn_precision"), options.get("block"), options.get("block_index"),
+                options.get("optimized_attention_override"),
+            ))  # fmt: skip
+        kwargs.pop("preferred_attention", None)
+        return original(q, k, v, heads, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(attention, "optimized_attention", record)
+        comfy_eps(model, latent, text, 700.0, (0,))
+    return calls
+
+
+def test_parity_text_call_is_the_unpatched_layers_call_on_this_comfyui(pack, models, inputs, monkeypatch):
+    comfy_model, _, _, audio = models
+    latent, text = inputs
+    patched = pack["patch"].apply_audio_to_model(comfy_model, audio, STRENGTH)
+    plain, ours = text_calls(comfy_model, latent, text, monkeypatch), text_calls(patched, latent, text, monkeypatch)
+    assert len(plain) == len(pack["testing"].TINY_SD15_LAYERS) and ours == plain
+    assert not any(call[0] for call in plain)  # 0.3.75: plain tensors, no preferred_attention
+
+
+def test_parity_text_call_passes_preferred_attention_and_containers_on_the_newer_api(
+    pack, models, inputs, monkeypatch
+):
+    """ComfyUI 0.38 cannot be installed here: its CrossAttention call is simulated (forward_038,
+    a container class, one ``comfy_attention`` preference per layer) on the installed one."""
+    import comfy.ldm.modules.attention as attention
+
+    comfy_model, _, _, audio = models
+    latent, text = inputs
+    patched = pack["patch"].apply_audio_to_model(comfy_model, audio, STRENGTH)
+    unet = comfy_model.model.diffusion_model
+    monkeypatch.setattr(attention, "AttentionTensorContainer", FakeContainer, raising=False)
+    monkeypatch.setattr(attention.CrossAttention, "forward", forward_038)
+    preferences = {}
+    for module in unet.modules():
+        if isinstance(module, attention.CrossAttention):
+            monkeypatch.setattr(module, "comfy_attention", object(), raising=False)
+            preferences[id(module.comfy_attention)] = module
+    plain, ours = text_calls(comfy_model, latent, text, monkeypatch), text_calls(patched, latent, text, monkeypatch)
+    assert len(plain) == len(pack["testing"].TINY_SD15_LAYERS) and ours == plain
+    assert all(call[0] and "preferred_attention" in call[2] for call in ours)
+    layers = [module for _, module in pack["patch"].cross_attentions(unet).values()]
+    assert sorted(id(preferences[call[3]]) for call in ours) == sorted(map(id, layers))  # each layer's own
+
+
+# ------------------------------------------------------------------------------------------------
 # one layout, three derivations
 
 
