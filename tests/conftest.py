@@ -28,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SERVER_FIXTURES = {"comfy_server", "comfy"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
+STANDIN_PACK = REPO_ROOT / "tests" / "interop_standin"  # the interop tests' "other pack"
 
 
 class _PackRootIsAFolder:
@@ -71,7 +72,8 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, test_models: tm.TestM
     custom_nodes/clap2diffusion -> this repo; models/checkpoints/tiny-sd15.safetensors;
     models/controlnet, models/loras, models/clap/tiny-clap-htsat-unfused/, models/clap2diffusion/
     (stage 1 and a stage 3 file with adapters for the tiny UNet);
-    input/ holds the test sounds (thunder.wav, ...).
+    input/ holds the test sounds (thunder.wav, ...); custom_nodes/interop_standin -> tests/interop_standin,
+    a second pack for the interop tests (one node, InteropStandIn_AttentionPatch).
     """
     models: dict[str, list[Path]] = {
         "checkpoints": [test_models.sd15_checkpoint],
@@ -81,6 +83,7 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, test_models: tm.TestM
         "clap2diffusion": [p for p in (test_models.clap2diffusion, test_models.clap2diffusion_adapter) if p],
     }
     base = make_base_dir(tmp_path_factory.mktemp("comfyui"), models, inputs=list(test_models.sounds.values()))
+    (base / "custom_nodes" / STANDIN_PACK.name).symlink_to(STANDIN_PACK, target_is_directory=True)
     server = ComfyServer(base)
     server.start()
     try:

@@ -1,0 +1,123 @@
+"""Apply Audio to Model beside another attention pack, through a real ComfyUI server.
+
+The other pack is ``tests/interop_standin`` (an IPAdapter-style stand-in, installed into the
+session server's ``custom_nodes`` by conftest). One graph samples every order on one checkpoint
+(64 px, 3 euler steps): each chain of "audio" and stand-in nodes ends in its own KSampler, and a
+"plain" KSampler takes the unpatched MODEL as a parallel branch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import CHECKPOINT, audio_tokens, pixels
+
+from clap2diffusion_core.testing import random_checkpoint
+from tools.comfy_server import ComfyClient, ComfyServer, Graph, uncached
+
+pytestmark = pytest.mark.slow
+
+STAGE2 = "interop-stage2.safetensors"
+OTHER, OTHER2 = ("other", 7, 1.0, "two"), ("other", 8, -0.8, "two")
+OTHER3 = ("other", 9, 1.0, "three")
+AUDIO = ("audio",)
+#: The two orders of one pair may differ by float rounding only; a pixel step is 1/255.
+ORDER_TOLERANCE = 1
+#: Mean pixel difference that counts as "the patch acted" (uint8 scale).
+ACTED = 0.5
+
+CHAINS = {
+    "audio": [AUDIO],
+    "other": [OTHER],
+    "other3": [OTHER3],
+    "other_audio": [OTHER, AUDIO],
+    "audio_other": [AUDIO, OTHER],
+    "other_audio_other2": [OTHER, AUDIO, OTHER2],
+    "other_other2_audio": [OTHER, OTHER2, AUDIO],
+    "audio_other3": [AUDIO, OTHER3],
+    "other3_audio": [OTHER3, AUDIO],
+}
+
+
+@pytest.fixture(scope="module")
+def stage2_file(comfy_server: ComfyServer):
+    """A stage-2 file with open gates for the tiny UNet in the server's models/clap2diffusion."""
+    path = comfy_server.base_dir / "models" / "clap2diffusion" / STAGE2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    random_checkpoint(path, stage=2, seed=12, layout="tiny")
+    yield
+    path.unlink(missing_ok=True)
+
+
+def build(chains: dict[str, list[tuple]]) -> Graph:
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    positive = g.node("CLIPTextEncode", clip=ckpt[1], text="a beach at dusk").out
+    negative = g.node("CLIPTextEncode", clip=ckpt[1], text="blurry").out
+    latent = g.node("EmptyLatentImage", width=64, height=64, batch_size=1)
+    tokens = audio_tokens(g, "thunder.wav", clap2diffusion=STAGE2) if any(
+        AUDIO in chain for chain in chains.values()) else None
+    for prefix, chain in chains.items():
+        model = ckpt[0]
+        for step in chain:
+            if step == AUDIO:
+                model = g.node("C2D_ApplyAudioToModel", model=model, audio_tokens=tokens.out, strength=1.0,
+                               start_percent=0.0, end_percent=1.0, foreground=1.0, background=1.0,
+                               ambience=1.0).out
+            else:
+                _, seed, weight, parts = step
+                model = g.node("InteropStandIn_AttentionPatch", model=model, weight=weight, seed=seed,
+                               key_parts=parts).out
+        sampled = g.node("KSampler", model=model, positive=positive, negative=negative, latent_image=latent.out,
+                         seed=5, steps=3, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+        image = g.node("VAEDecode", samples=sampled.out, vae=ckpt[2])
+        g.node("SaveImage", images=image.out, filename_prefix=f"interop_{prefix}")
+    return g
+
+
+def run(comfy: ComfyClient, g: Graph) -> dict[str, np.ndarray]:
+    """Images by chain name, every node executed afresh."""
+    prompt = uncached(g.prompt())
+    entry = comfy.wait(comfy.queue(prompt), timeout=400)
+    return {node["inputs"]["filename_prefix"].removeprefix("interop_"): pixels(comfy.images(entry, node_id)[0])
+            for node_id, node in prompt.items() if node["class_type"] == "SaveImage"}
+
+
+def diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
+    d = np.abs(a.astype(int) - b.astype(int))
+    return int(d.max()), float(d.mean())
+
+
+@pytest.fixture(scope="module")
+def images(comfy_server: ComfyServer, stage2_file) -> dict[str, np.ndarray]:
+    """Every chain, plus "plain" (the unpatched MODEL, in the same graph) and "plain_alone" (its own graph)."""
+    comfy = comfy_server.client
+    alone = run(comfy, build({"plain": []}))["plain"]
+    out = run(comfy, build({**CHAINS, "plain": []}))
+    for name in CHAINS:
+        print(f"{name}: max/mean vs plain {diff(out[name], out['plain'])}")  # pytest -s shows the figures
+    return {**out, "plain_alone": alone}
+
+
+def test_interop_server_every_patch_acts_in_every_order(images) -> None:
+    for name in CHAINS:
+        assert diff(images[name], images["plain"])[1] > ACTED, f"{name} is the plain image"
+    for both, alone in (("other_audio", "audio"), ("other_audio", "other"), ("audio_other", "audio"),
+                        ("audio_other", "other"), ("audio_other3", "audio"), ("audio_other3", "other3"),
+                        ("other_audio_other2", "other_audio")):
+        assert diff(images[both], images[alone])[1] > ACTED, f"{both} lost a patch: it looks like {alone}"
+
+
+@pytest.mark.parametrize(("one", "other"), [("other_audio", "audio_other"), ("other3_audio", "audio_other3"),
+                                            ("other_audio_other2", "other_other2_audio")])
+def test_interop_server_the_order_of_apply_audio_and_the_other_pack_does_not_matter(images, one, other) -> None:
+    assert diff(images[one], images[other])[0] <= ORDER_TOLERANCE
+
+
+def test_interop_server_a_parallel_branch_on_the_unpatched_model_is_the_plain_image(images) -> None:
+    assert np.array_equal(images["plain"], images["plain_alone"])
+
+
+def test_interop_server_the_stand_in_is_a_second_pack_not_ours(comfy: ComfyClient) -> None:
+    info = comfy.object_info()
+    assert info["InteropStandIn_AttentionPatch"]["python_module"] != info["C2D_ApplyAudioToModel"]["python_module"]
