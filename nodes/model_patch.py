@@ -202,7 +202,8 @@ class AudioInjection:
     # -- before sampling
 
     def pre_run(self, patcher: ModelPatcher) -> None:
-        """ON_PRE_RUN callback: check the UNet that will run, resolve the percents, re-arm the check."""
+        """ON_PRE_RUN callback: check the UNet that will run, resolve the percents, re-arm the check,
+        drop the per-layout batches of the last run."""
         unet = patcher.get_model_object("diffusion_model")
         missing = [key for key in self.keys if key not in cross_attentions(unet)]
         if missing:
@@ -214,6 +215,7 @@ class AudioInjection:
             )
         self.resolve_sigmas(patcher)
         self.checked = False
+        self.kv.clear_memo()  # batches assembled for a past run may sit on a device the weights left
 
     def resolve_sigmas(self, patcher: ModelPatcher) -> None:
         """The percents as sigmas of the model_sampling that will sample."""
