@@ -104,7 +104,7 @@ def test_interop_each_layer_is_text_plus_every_other_term_plus_the_audio(env, or
     chained = model
     for n, step in enumerate(ORDERS[order]):
         if step == "audio":
-            chained = patch.apply_audio_to_model(chained, sound(c2d, n))
+            chained = patch.apply_audio_to_model(chained, c2d, sound(c2d, n))
         else:
             parts = "three" if step == "other3" else "two"
             others.append((10 + n, 0.5 + n, parts))
@@ -135,7 +135,7 @@ def test_interop_no_branch_sees_another_branchs_patches(env):
     upstream = standin.apply_standin(model, 0.5, 1)
     table = upstream.model_options["transformer_options"]["patches_replace"]["attn2"]
     before = {key: list(p.kwargs) for key, p in table.items()}
-    branch = standin.apply_standin(patch.apply_audio_to_model(upstream, sound(c2d, 0)), 0.9, 2)
+    branch = standin.apply_standin(patch.apply_audio_to_model(upstream, c2d, sound(c2d, 0)), 0.9, 2)
     assert {key: list(p.kwargs) for key, p in table.items()} == before
     assert not model.model_options["transformer_options"].get("patches_replace")
     assert not patch.audio_injections(upstream) and len(patch.audio_injections(branch)) == 1
@@ -147,7 +147,7 @@ def test_interop_a_wrapper_that_drops_our_layers_is_an_error_not_a_silent_image(
     import comfy.patcher_extension as pe
 
     patch, _, model, c2d = env
-    patched = patch.apply_audio_to_model(model, sound(c2d, 0))
+    patched = patch.apply_audio_to_model(model, c2d, sound(c2d, 0))
 
     def overwrite_attn2(executor, *args, **kwargs):  # a careless pack: replaces, never calls what was there
         options = copy.copy(args[5])
@@ -165,7 +165,7 @@ def test_interop_a_wrapper_that_drops_our_layers_is_an_error_not_a_silent_image(
 
 def test_interop_a_later_node_that_swaps_the_unet_is_refused_before_sampling(env):
     patch, _, model, c2d = env
-    patched = patch.apply_audio_to_model(model, sound(c2d, 0)).clone()
+    patched = patch.apply_audio_to_model(model, c2d, sound(c2d, 0)).clone()
     patched.add_object_patch("diffusion_model", torch.nn.Identity())
     with pytest.raises(patch.AudioNotReachedError, match=r"Identity\) has no such layers.*after that node"):
         patched.pre_run()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphs import CHECKPOINT, audio_tokens, pixels
+from graphs import CHECKPOINT, audio_tokens, model_of, pixels
 
 from clap2diffusion_core.testing import random_checkpoint
 from tools.comfy_server import ComfyClient, ComfyServer, Graph, uncached
@@ -61,9 +61,9 @@ def build(chains: dict[str, list[tuple]]) -> Graph:
         model = ckpt[0]
         for step in chain:
             if step == AUDIO:
-                model = g.node("C2D_ApplyAudioToModel", model=model, audio_tokens=tokens.out, strength=1.0,
-                               start_percent=0.0, end_percent=1.0, foreground=1.0, background=1.0,
-                               ambience=1.0).out
+                model = g.node("C2D_ApplyAudioToModel", model=model, audio_tokens=tokens.out,
+                               clap2diffusion=model_of(g, tokens), strength=1.0, start_percent=0.0,
+                               end_percent=1.0).out
             else:
                 _, seed, weight, parts = step
                 model = g.node("InteropStandIn_AttentionPatch", model=model, weight=weight, seed=seed,

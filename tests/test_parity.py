@@ -245,9 +245,9 @@ def text_calls(model, latent, text, monkeypatch) -> list[tuple]:
 
 
 def test_parity_text_call_is_the_unpatched_layers_call_on_this_comfyui(pack, models, inputs, monkeypatch):
-    comfy_model, _, _, audio = models
+    comfy_model, _, c2d, audio = models
     latent, text = inputs
-    patched = pack["patch"].apply_audio_to_model(comfy_model, audio, STRENGTH)
+    patched = pack["patch"].apply_audio_to_model(comfy_model, c2d, audio, STRENGTH)
     plain, ours = text_calls(comfy_model, latent, text, monkeypatch), text_calls(patched, latent, text, monkeypatch)
     assert len(plain) == len(pack["testing"].TINY_SD15_LAYERS) and ours == plain
     assert not any(call[0] for call in plain)  # 0.3.75: plain tensors, no preferred_attention
@@ -260,9 +260,9 @@ def test_parity_text_call_passes_preferred_attention_and_containers_on_the_newer
     a container class, one ``comfy_attention`` preference per layer) on the installed one."""
     import comfy.ldm.modules.attention as attention
 
-    comfy_model, _, _, audio = models
+    comfy_model, _, c2d, audio = models
     latent, text = inputs
-    patched = pack["patch"].apply_audio_to_model(comfy_model, audio, STRENGTH)
+    patched = pack["patch"].apply_audio_to_model(comfy_model, c2d, audio, STRENGTH)
     unet = comfy_model.model.diffusion_model
     monkeypatch.setattr(attention, "AttentionTensorContainer", FakeContainer, raising=False)
     monkeypatch.setattr(attention.CrossAttention, "forward", forward_038)
