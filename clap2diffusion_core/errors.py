@@ -29,6 +29,11 @@ class ModelMismatchError(Clap2DiffusionError):
     """A base MODEL that the CLAP2Diffusion file does not fit (another architecture, another layout)."""
 
 
+class AudioNotReachedError(ModelMismatchError):
+    """Apply Audio to Model's audio attention cannot act in layers it patched: a node after it swapped
+    the UNet or replaced those layers' attention without calling it; the message says which order works."""
+
+
 class WiringError(Clap2DiffusionError):
     """Data on a socket that does not belong with the rest of the graph (tokens from another
     CLAP2Diffusion file, an input missing after a pack update); the message says what to rewire."""

@@ -51,7 +51,7 @@ from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..clap2diffusion_core.adapters import AdapterLayer, AudioAdapter, canonical_order
 from ..clap2diffusion_core.audio_attention import COND, AudioKV, add_audio
-from ..clap2diffusion_core.errors import CheckpointError, ModelMismatchError
+from ..clap2diffusion_core.errors import AudioNotReachedError, CheckpointError, ModelMismatchError
 from ..clap2diffusion_core.model import CLAP2DiffusionModel
 from ..clap2diffusion_core.types import AudioTokens
 
@@ -62,10 +62,6 @@ CALLBACK_KEY = "clap2diffusion_audio"
 
 Attn2Replace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 LayerKey = tuple[str, int, int]
-
-
-class AudioNotReachedError(ModelMismatchError):
-    """Apply Audio to Model's audio attention cannot act in layers it patched (something replaced them)."""
 
 
 # ------------------------------------------------------------------------------------------------
