@@ -42,6 +42,7 @@ from torch import nn
 from .config import ModuleConfig
 from .errors import CheckpointError
 from .levels import LEVELS, NUM_LEVELS
+from .unet_configs import SD15_UNET_CONFIG, layout_args
 
 #: ComfyUI block names in execution order.
 BLOCK_ORDER = ("input", "middle", "output")
@@ -141,15 +142,7 @@ def ldm_unet_layout(
 
 
 #: SD1.5's 16 cross-attention layers (ComfyUI's SD15 unet_config).
-SD15_LAYERS = ldm_unet_layout(
-    model_channels=320,
-    channel_mult=(1, 2, 4, 4),
-    num_res_blocks=2,
-    transformer_depth=(1, 1, 1, 1, 1, 1, 0, 0),
-    transformer_depth_output=(1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0),
-    transformer_depth_middle=1,
-    num_heads=8,
-)
+SD15_LAYERS = ldm_unet_layout(**layout_args(SD15_UNET_CONFIG))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,18 +12,10 @@ from .checkpoint import save_checkpoint
 from .decomposer import DecomposerConfig
 from .model import BASE_FAMILIES, CLAP2DiffusionModel, ModelConfig
 from .projector import ProjectorConfig
+from .unet_configs import TINY_SD15_UNET_CONFIG, layout_args
 
-#: The cross-attention layers of the tests' tiny SD1.5 UNet (``TINY_UNET_CONFIG`` in
-#: tools/test_models.py: one level, one res block, a middle block): input.1, middle, output.0/1.
-TINY_SD15_LAYERS = ldm_unet_layout(
-    model_channels=320,
-    channel_mult=(1,),
-    num_res_blocks=1,
-    transformer_depth=(1,),
-    transformer_depth_output=(1, 1),
-    transformer_depth_middle=1,
-    num_heads=8,
-)
+#: The cross-attention layers of the tests' tiny SD1.5 UNet (input.1, middle, output.0/1).
+TINY_SD15_LAYERS = ldm_unet_layout(**layout_args(TINY_SD15_UNET_CONFIG))
 UNET_LAYOUTS: dict[str, tuple[AdapterLayer, ...]] = {"sd15": SD15_LAYERS, "tiny": TINY_SD15_LAYERS}
 
 

@@ -40,6 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: must not shadow ComfyUI's `nodes`
+from clap2diffusion_core.unet_configs import TINY_SD15_UNET_CONFIG, unet_kwargs  # noqa: E402
+
 VERSION = "v1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "test-models" / VERSION
@@ -55,26 +59,8 @@ CLAP2DIFFUSION = "clap2diffusion/tiny-clap2diffusion-stage1.safetensors"
 CLAP2DIFFUSION_ADAPTER = "clap2diffusion/tiny-clap2diffusion-stage3.safetensors"
 SOUNDS_DIR = "sounds"
 
-# The tiny SD1.5 UNet: ComfyUI's UNetModel with SD1.5's width, heads and context size, but a single
-# level. ComfyUI's detector keys on context_dim / model_channels / linear-in-transformer, so this
-# is still "SD15" to CheckpointLoaderSimple (25.8M parameters instead of 860M).
-TINY_UNET_CONFIG: dict[str, Any] = {
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "num_res_blocks": [1],
-    "channel_mult": [1],
-    "transformer_depth": [1],
-    "transformer_depth_output": [1, 1],
-    "transformer_depth_middle": 1,
-    "context_dim": 768,
-    "num_heads": 8,
-    "num_head_channels": -1,
-    "use_spatial_transformer": True,
-    "use_linear_in_transformer": False,
-    "legacy": False,
-}
+# The tiny SD1.5 UNet (clap2diffusion_core/unet_configs.py): SD1.5 on a single level.
+TINY_UNET_CONFIG: dict[str, Any] = unet_kwargs(TINY_SD15_UNET_CONFIG)
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,10 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from clap2diffusion_core.unet_configs import SD15_UNET_CONFIG, unet_kwargs  # noqa: E402
 from tools import test_models as tm  # noqa: E402
 
-SD15_UNET = dict(
-    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2] * 4,
-    channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
-    context_dim=768, num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
-    use_linear_in_transformer=False, legacy=False,
-)  # fmt: skip
+SD15_UNET = unet_kwargs(SD15_UNET_CONFIG)  # ComfyUI UNetModel kwargs
 
 
 def pack_module(name: str) -> types.ModuleType:
