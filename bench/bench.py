@@ -6,8 +6,7 @@ all variants alike. Sections:
 
   a  sampling with Apply Audio to Conditioning (77 audio tokens appended to the positive) / plain
   b  sampling with Apply Audio to Model (random stage-2 file, gates open) / plain, plus the UNet
-     forward alone (time and FLOPs, for both injections), and the checks that make it cheap
-     (keys/values not recomputed while sampling, kept in the UNet's dtype, no host reads added)
+     forward alone (time and FLOPs, for both injections)
   c  CLAP encoding throughput, 10 s clips at batch 1 and 8 (clips/s; mel front end included)
   d  memory the audio modules add (cuda: measured peaks; cpu: bytes of what stays resident)
   e  a re-queued identical graph through a real ComfyUI server: milliseconds spent in our nodes
@@ -20,7 +19,9 @@ SD1.5 UNet architecture (random weights) at 512x512, 20 steps, on cuda in the dt
 
 Built on ``tools/time_model_injection.py`` (the adapter's own timing): its SD1.5 config and module
 loader are imported; its interleaved sampling, process-CPU column, UNet-forward-only times and
-FLOP count are section b here, extended to the conditioning injection.
+FLOP count are section b here, extended to the conditioning injection. The bench measures; what
+the injections must not do while sampling (project the sound again, compute silence, add host
+reads or copies) is asserted by tests/test_sampling_costs.py.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -340,141 +341,6 @@ def section_forward(s: Setup, n: int, sections: str) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def counting(targets: list[tuple[Any, str]]) -> Iterator[dict[str, int]]:
-    """Count calls to ``getattr(owner, name)`` for each target inside the block."""
-    counts: dict[str, int] = {}
-    originals = []
-    for owner, name in targets:
-        original = getattr(owner, name)
-        label = f"{getattr(owner, '__name__', type(owner).__name__)}.{name}"
-        counts[label] = 0
-
-        def wrapper(*a, _original=original, _label=label, **kw):  # noqa: ANN002, ANN003
-            counts[_label] += 1
-            return _original(*a, **kw)
-
-        originals.append((owner, name, original))
-        setattr(owner, name, wrapper)
-    try:
-        yield counts
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
-
-
-#: Profiler events that mean a host read of a tensor (a device sync on cuda), a dtype/device
-#: conversion, or a copy between host and device.
-EVENT_KINDS = {
-    "aten::_local_scalar_dense": "host_reads",
-    "aten::_to_copy": "to_copies",
-    "Memcpy HtoD": "memcpy_htod",
-    "Memcpy DtoH": "memcpy_dtoh",
-    "cudaStreamSynchronize": "syncs",
-    "cudaDeviceSynchronize": "syncs",
-}
-
-
-def profiled_counts(run: Callable[[], Any], cuda: bool) -> dict[str, int]:
-    """Counts of EVENT_KINDS in one call of ``run`` (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    try:
-        with profile(activities=activities) as prof:
-            run()
-    except RuntimeError as err:  # e.g. no CUPTI access on a GPU machine: the timings still stand
-        print(f"warning: torch.profiler failed ({err}); counts left out", file=sys.stderr)
-        run()
-        return {}
-    counts = dict.fromkeys(sorted(set(EVENT_KINDS.values())), 0)
-    for event in prof.events():
-        for marker, kind in EVENT_KINDS.items():
-            if event.name.startswith(marker):
-                counts[kind] += 1
-    return counts
-
-
-def section_checks(s: Setup) -> dict[str, Any]:
-    """What a sampling run does on our side: counted (never timed) in one run per variant.
-
-    - calls of our code while sampling: the adapter's projections and the silence tokens must not
-      run at all (keys/values are computed once per sound, in Apply Audio to Model); the per-row
-      keys/values are assembled once per layer and run, not per step;
-    - host reads (``.item()``/``float()`` of a tensor: a device sync on cuda), dtype/device
-      conversions and host<->device copies per run, each variant against plain sampling;
-    - the dtype the audio attention runs in against the UNet's compute dtype;
-    - whether ComfyUI loads the keys/values with the UNet (their ModelPatcher among the loaded ones).
-    """
-    import comfy.model_management as mm
-
-    adapters = pack_module("clap2diffusion_core.adapters")
-    attention = pack_module("clap2diffusion_core.audio_attention")
-    model_mod = pack_module("clap2diffusion_core.model")
-    patch = s.patch
-    ranged = s.sigma_reading()
-    seen_dtypes: set[str] = set()
-    audio_terms = {"model": 0, "model_ranged": 0}
-    current = ["model"]
-    original_add = patch.add_audio
-
-    def add_audio(out, q, key, value):  # noqa: ANN001, ANN202
-        seen_dtypes.add(f"q {q.dtype} {q.device.type}, audio k/v {key.dtype} {key.device.type}")
-        audio_terms[current[0]] += 1
-        return original_add(out, q, key, value)
-
-    targets = [
-        (adapters.AudioAdapter, "layer_kv"),
-        (model_mod.CLAP2DiffusionModel, "silence_tokens"),
-        (attention.AudioKV, "batch"),
-        (attention, "rows_for_chunks"),
-        (patch.AudioAttn2Patch, "__call__"),
-    ]
-    events: dict[str, dict[str, int]] = {}
-    events["plain"] = profiled_counts(lambda: s.sample(s.model, s.positive), s.cuda)
-    events["conditioning"] = profiled_counts(lambda: s.sample(s.model, s.positive_audio), s.cuda)
-    patch.add_audio = add_audio
-    try:
-        current[0] = "model_ranged"
-        events["model_ranged"] = profiled_counts(lambda: s.sample(ranged, s.positive), s.cuda)
-        current[0] = "model"
-        with counting(targets) as counts:
-            events["model"] = profiled_counts(lambda: s.sample(s.patched, s.positive), s.cuda)
-    finally:
-        patch.add_audio = original_add
-    kv_loaded = any(getattr(m, "model", None) is s.injection.kv_patcher for m in mm.current_loaded_models)
-
-    calls = counts["AudioAttn2Patch.__call__"]
-    layers = len(s.kv)
-    unet_calls = calls // layers if layers else 0
-    added = {
-        name: {kind: events[name][kind] - events["plain"][kind] for kind in events["plain"] if kind in events[name]}
-        for name in ("conditioning", "model", "model_ranged")
-    }
-    return {
-        "steps": s.args.steps,
-        "open_layers": layers,
-        "unet_calls_per_run": unet_calls,
-        "patch_calls_per_run": calls,
-        "adapter_layer_kv_calls_while_sampling": counts["AudioAdapter.layer_kv"],
-        "silence_tokens_calls_while_sampling": counts["CLAP2DiffusionModel.silence_tokens"],
-        "kv_batch_lookups_per_run": counts["AudioKV.batch"],
-        "kv_batch_assemblies_per_run": counts[f"{attention.__name__}.rows_for_chunks"] // 2,
-        "audio_attention_dtypes": sorted(seen_dtypes),
-        "unet_compute_dtype": str(s.dtype),
-        "audio_kv_dtype": str(next(s.kv.parameters()).dtype),
-        "kv_patcher_loaded_with_unet": kv_loaded,
-        "events_per_run": events,
-        "events_added_per_run": added,
-        "note": "events_added_per_run: profiler counts of each variant minus plain sampling, same steps; "
-        "model_ranged is Apply Audio to Model testing sigma once per UNet call as with start/end percent set, "
-        "but in range throughout",
-        "model_ranged_audio_terms_per_run": audio_terms["model_ranged"],
-        "model_audio_terms_per_run": audio_terms["model"],
-        "apply_audio_to_model_ms": s.apply_ms,
-    }
-
-
 # ------------------------------------------------------------------------------------------------
 # c: CLAP throughput
 
@@ -681,16 +547,6 @@ def table(results: dict[str, Any]) -> str:
                       f"{fwd[f'{name}_vs_plain_median']:.3f} (median)") if fwd["forwards"] else ""
             rows.append((f"    UNet forward alone, {name} / plain",
                          f"FLOPs {fwd[f'{name}_flops_ratio']:.4f}{timing}"))
-    chk = results.get("checks")
-    if chk:
-        added = chk["events_added_per_run"]["model"]
-        rows.append(("    per run, model injection adds",
-                     f"{chk['adapter_layer_kv_calls_while_sampling']} k/v projections, "
-                     f"{chk['silence_tokens_calls_while_sampling']} silence encodings, "
-                     f"{chk['kv_batch_assemblies_per_run']} k/v assemblies ({chk['open_layers']} layers, "
-                     f"{chk['unet_calls_per_run']} UNet calls), {added.get('host_reads', '?')} host reads, "
-                     f"{added.get('to_copies', '?')} conversions"
-                     + (f", {added.get('memcpy_htod', '?')} host->device copies" if cfg["device"] == "cuda" else "")))
     clap = results.get("clap_clips_per_s")
     if clap:
         rows.append(("(c) CLAP 10 s clips/s", ", ".join(f"{k.replace('_', ' ')}: {v:.2f}" for k, v in clap.items())))
@@ -804,8 +660,6 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("conditioning", "model"):
             if f"{name}_flops_ratio" in results["unet_forward"]:
                 results[f"{name}_flops_ratio"] = results["unet_forward"][f"{name}_flops_ratio"]
-        if "b" in args.sections:
-            results["checks"] = section_checks(setup)
     if setup and "c" in args.sections:
         batches = [int(b) for b in args.clap_batches.split(",") if b.strip()]
         results["clap"] = section_clap(setup, batches, args.clap_reps)
