@@ -1,4 +1,5 @@
-"""Rules on the sources themselves: the core's import boundary is enforced by `make lint`."""
+"""Rules on the sources themselves: the core's import boundary is enforced by `make lint`, and
+every Python file encodes in cp1252 (what Windows consoles and some custom-node checkers use)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,24 @@ def test_lint_fails_when_the_core_imports_comfyui_tools_or_tests(module: str, fo
 def test_the_same_imports_are_fine_outside_the_core() -> None:
     result = ruff("import comfy.sd\nimport folder_paths\n\n__all__ = ['comfy', 'folder_paths']\n", "nodes/scratch.py")
     assert result.returncode == 0, result.stdout
+
+
+def tracked_python_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "*.py"], cwd=REPO_ROOT, capture_output=True, check=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: every .py outside the envs
+        return [p for p in REPO_ROOT.rglob("*.py") if not {".venv", ".comfyui", ".cache"} & set(p.parts)]
+    return [REPO_ROOT / name for name in out.decode().split("\0") if name]
+
+
+def test_every_python_file_encodes_in_cp1252() -> None:
+    bad = {}
+    for path in tracked_python_files():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                line.encode("cp1252")
+            except UnicodeEncodeError as err:
+                bad.setdefault(path.relative_to(REPO_ROOT).as_posix(), []).append(f"{number}: {line[err.start:err.end]!r}")
+    assert len(tracked_python_files()) > 50  # the listing itself works
+    assert not bad, f"characters cp1252 cannot encode (use ASCII, e.g. '->' for an arrow): {bad}"
