@@ -93,7 +93,7 @@ class Run:
         self.positive = [[torch.randn(1, 77, 768, generator=gen), {}]]  # stands for CLIP Text Encode's output
         self.negative = [[torch.randn(1, 77, 768, generator=gen), {}]]
         self.positive_audio = cond_nodes.ApplyAudioToConditioning.execute(self.positive, self.tokens, 1.0).result[0]
-        self.patched = self.patch.apply_audio_to_model(self.model, self.tokens)
+        self.patched = self.patch.apply_audio_to_model(self.model, self.c2d, self.tokens)
         self.injection = self.injection_of(self.patched)
         self.latent = torch.zeros(1, 4, SIZE // 8, SIZE // 8)
         self.noise = comfy.sample.prepare_noise(self.latent, seed=0)
