@@ -57,6 +57,14 @@ def chromium_path() -> str | None:
     return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def newest_frontend_root(repo_root: Path) -> Path | None:
+    """The newest comfyui-frontend-package's ``static/`` that tools/setup.sh unpacked into
+    ``.cache/frontends/<version>/`` (beside, never instead of, the one ComfyUI's requirements pin)."""
+    found = [p.parent for p in (repo_root / ".cache" / "frontends").glob("*/static/index.html")]
+    key = lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.parent.name.split("."))  # noqa: E731
+    return max(found, key=key) if found else None
+
+
 @dataclass
 class PageLog:
     """What the page reported: console errors, uncaught exceptions, failed requests."""
@@ -198,6 +206,17 @@ class Frontend:
         with self.page.expect_response(
                 lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as answer:
             self.page.locator('button[aria-label="Run"]').first.click()
+        response = answer.value
+        body = response.json()
+        body["http_status"] = response.status
+        return body
+
+    def queue(self) -> dict[str, Any]:
+        """Queue the graph through the frontend's own command (what Run and Ctrl+Enter do, whatever
+        the toolbar looks like in this frontend version); returns the server's answer."""
+        with self.page.expect_response(
+                lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as answer:
+            self.page.evaluate("() => app.extensionManager.command.execute('Comfy.QueuePrompt')")
         response = answer.value
         body = response.json()
         body["http_status"] = response.status

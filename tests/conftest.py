@@ -84,7 +84,9 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, test_models: tm.TestM
     }
     base = make_base_dir(tmp_path_factory.mktemp("comfyui"), models, inputs=list(test_models.sounds.values()))
     (base / "custom_nodes" / STANDIN_PACK.name).symlink_to(STANDIN_PACK, target_is_directory=True)
-    server = ComfyServer(base)
+    # C2D_FRONT_END_ROOT: serve another frontend build (a comfyui-frontend-package's static/).
+    front_end = os.environ.get("C2D_FRONT_END_ROOT")
+    server = ComfyServer(base, extra_args=["--front-end-root", front_end] if front_end else [])
     server.start()
     try:
         yield server

@@ -8,6 +8,13 @@ unchanged, point its model and sound widgets at the test files through the graph
 frontend build the API prompt (checked against tools/run_workflow.py, which `make demo` uses),
 click Run, wait for the image on the server, wait for the previews on the canvas, and save a
 screenshot to test-artifacts/browser/<workflow>.png.
+
+Then the newest comfyui-frontend-package (unpacked by tools/setup.sh into .cache/frontends/), served
+by the same ComfyUI 0.3.75 with ``--front-end-root`` on a second server over the same folders:
+it starts with the pack, knows every node, lists the examples, builds the same API prompt and
+runs a workflow. (The checks above that read its UI, the template dialog, the Run button and the
+saved widget values, are those of the pinned frontend: the newest one draws and saves them
+differently.)
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from browser_frontend import BENIGN_HTTP_PATHS, Frontend, PageLog, chromium_path
+from browser_frontend import BENIGN_HTTP_PATHS, Frontend, PageLog, chromium_path, newest_frontend_root
 from PIL import Image
 
 from tools import test_models as tm
@@ -294,3 +301,49 @@ def test_a_missing_sound_is_named_when_the_run_is_refused(
                                     timeout=30_000)
     frontend.screenshot(ARTIFACTS / "error_missing_sound.png")
     frontend.close_dialogs()
+
+
+# --------------------------------------------------------------------------------------------
+# the newest frontend, served by our ComfyUI with --front-end-root
+
+
+@pytest.fixture(scope="module")
+def newest(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory):
+    """(Frontend, its server): the newest frontend build on a second server with the session's folders."""
+    root = newest_frontend_root(REPO_ROOT)
+    reason = _skip_reason() or (None if root else "no newest frontend in .cache/frontends (tools/setup.sh unpacks it)")
+    if reason is not None:
+        if os.environ.get("C2D_REQUIRE_BROWSER"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = ComfyServer(comfy_server.base_dir, extra_args=["--front-end-root", str(root)],
+                         log_path=comfy_server.base_dir / "server-newest-frontend.log")
+    start = time.monotonic()
+    with server, Frontend.open(server.url, tmp_path_factory.mktemp("chromium-newest")) as fe:
+        _timings["newest frontend start"] = time.monotonic() - start
+        yield fe, server
+
+
+def test_the_newest_frontend_starts_with_the_pack_and_knows_every_node(newest) -> None:
+    fe, server = newest
+    version = fe.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ ?? null")
+    assert version == newest_frontend_root(REPO_ROOT).parent.name  # it is the newest build that is served
+    assert fe.page.evaluate("() => app.extensions.some(e => e.name === 'clap2diffusion.LoadAudioPlayer')")
+    ours = sorted(t for t in server.client.object_info() if t.startswith("C2D_"))
+    assert ours and fe.registered(ours) == ours
+    assert sorted(fe.templates().get(MODULE, [])) == sorted(p.stem for p in EXAMPLES)
+    assert [e for e in (fe.startup or PageLog()).exceptions if "clap2diffusion" in e] == []
+
+
+def test_the_newest_frontend_builds_the_same_prompt_and_runs_an_example(newest, test_models: tm.TestModels) -> None:
+    fe, server = newest
+    client = server.client
+    info = client.object_info()
+    template = fe.load_template(MODULE, "audio_adapter")
+    fe.set_widgets(values_for_test_models(template, info, test_models))
+    built = fe.graph_to_prompt()
+    assert prompt_differences(built["output"], ui_to_api(built["workflow"], info)) == []
+    answer = fe.queue()
+    assert answer["http_status"] == 200 and not answer.get("node_errors"), answer
+    saved = [r for r in client.files(client.wait(answer["prompt_id"], timeout=600)) if r.get("type") == "output"]
+    assert saved and Image.open(io.BytesIO(client.view(**saved[0]))).size == (SIZE, SIZE)

@@ -85,6 +85,28 @@ if [[ -f requirements-nodeps.txt ]]; then
     "${PIP[@]}" --no-deps -r requirements-nodeps.txt
 fi
 
+# The newest frontend, which tests/test_browser_workflows.py also runs (ComfyUI --front-end-root):
+# unpacked into .cache/frontends/<version>/static, never installed into the venv, so ComfyUI's default
+# frontend stays the one its requirements pin.
+NEWEST_FRONTEND_VERSION="1.58.1"
+frontend_dir="$PACK_DIR/.cache/frontends/$NEWEST_FRONTEND_VERSION"
+if [[ ! -f "$frontend_dir/static/index.html" ]]; then
+    log "fetching comfyui-frontend-package $NEWEST_FRONTEND_VERSION (for the browser test)"
+    work="$(mktemp -d)"
+    pip_quiet download --no-deps --dest "$work" "comfyui-frontend-package==$NEWEST_FRONTEND_VERSION"
+    "$VENV/bin/python" - "$work" "$frontend_dir" <<'PY'
+import pathlib, shutil, sys, zipfile
+work, target = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+(wheel,) = work.glob("comfyui_frontend_package-*.whl")
+with zipfile.ZipFile(wheel) as zf:
+    zf.extractall(work / "x", [n for n in zf.namelist() if n.startswith("comfyui_frontend_package/static/")])
+shutil.rmtree(target, ignore_errors=True)
+target.mkdir(parents=True)
+shutil.move(str(work / "x" / "comfyui_frontend_package" / "static"), str(target / "static"))
+PY
+    rm -rf "$work"
+fi
+
 mkdir -p "$COMFY/custom_nodes"
 link="$COMFY/custom_nodes/clap2diffusion"
 if [[ "$(readlink -f "$link" 2>/dev/null)" != "$PACK_DIR" ]]; then
