@@ -94,14 +94,9 @@ class Run:
         self.negative = [[torch.randn(1, 77, 768, generator=gen), {}]]
         self.positive_audio = cond_nodes.ApplyAudioToConditioning.execute(self.positive, self.tokens, 1.0).result[0]
         self.patched = self.patch.apply_audio_to_model(self.model, self.c2d, self.tokens)
-        self.injection = self.injection_of(self.patched)
+        (self.injection,) = self.patch.audio_injections(self.patched)
         self.latent = torch.zeros(1, 4, SIZE // 8, SIZE // 8)
         self.noise = comfy.sample.prepare_noise(self.latent, seed=0)
-
-    @staticmethod
-    def injection_of(patched):  # noqa: ANN001, ANN205
-        replaces = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
-        return next(iter(replaces.values())).injection
 
     def sample(self, model, positive) -> torch.Tensor:  # noqa: ANN001
         import comfy.sample
