@@ -132,9 +132,10 @@ def mono_blocks(waveform: torch.Tensor, sample_rate: int, block: int = RESAMPLE_
 
 
 def plan_windows(
-    plan: FramePlan, blocks: Iterator[torch.Tensor]
+    plan: FramePlan, blocks: Iterator[torch.Tensor], starts: list[int] | None = None
 ) -> Iterator[torch.Tensor]:
-    """The anchors' windows ``[B, 480000]`` in order, read from 48 kHz mono ``blocks``.
+    """The windows ``[B, 480000]`` at ``starts`` (default: the anchors'), in order, read from 48 kHz
+    mono ``blocks``. ``starts`` must not decrease.
 
     Holds only the samples from the next window's start on (at most a window plus a block).
     """
@@ -142,7 +143,7 @@ def plan_windows(
     held_from = 0  # 48 kHz index of held[0][:, 0]
     held_len = 0
     exhausted = False
-    for start in plan.starts:
+    for start in plan.starts if starts is None else starts:
         end = min(start + plan.window, plan.total)
         while held_from + held_len < end and not exhausted:
             block = next(blocks, None)
@@ -183,7 +184,9 @@ def encode_frames(
     if num_frames is None:
         num_frames = frame_count(total / CLAP_SAMPLE_RATE, fps)
     plan = plan_frames(num_frames, fps, total, window_seconds, stride)
-    windows = plan_windows(plan, mono_blocks(waveform, sample_rate))
+    # Frames whose windows were slid to the same place (near the ends) share one encode.
+    starts = sorted(set(plan.starts))
+    windows = plan_windows(plan, mono_blocks(waveform, sample_rate), starts)
     b = waveform.shape[0]
     rows: list[torch.Tensor] = []
     batch: list[torch.Tensor] = []
@@ -192,7 +195,7 @@ def encode_frames(
     def flush() -> None:
         nonlocal done
         if progress is not None:
-            progress(done, len(plan.anchors))
+            progress(done, len(starts))
         stacked = torch.stack(batch, dim=1)  # [B, n, 480000]
         n = stacked.shape[1]
         rows.append(encode(stacked.reshape(b * n, -1)).detach().float().cpu().reshape(b, n, -1))
@@ -206,8 +209,10 @@ def encode_frames(
     if batch:
         flush()
     if progress is not None:
-        progress(done, len(plan.anchors))
-    anchor_embeds = F.normalize(torch.cat(rows, dim=1), dim=-1)  # [B, A, D]
+        progress(done, len(starts))
+    unique = F.normalize(torch.cat(rows, dim=1), dim=-1)  # [B, U, D]
+    row_of = {start: row for row, start in enumerate(starts)}
+    anchor_embeds = unique[:, [row_of[start] for start in plan.starts]]  # [B, A, D]
     return interpolate_anchors(anchor_embeds, plan.anchors, num_frames)
 
 

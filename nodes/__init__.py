@@ -18,6 +18,7 @@ _NODE_MODULES = (
     "model_nodes",
     "token_nodes",
     "prompt_nodes",
+    "schedule_nodes",
 )
 
 

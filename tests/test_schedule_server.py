@@ -1,0 +1,181 @@
+"""Meaning over time in a real ComfyUI: per-frame sound -> per-frame tokens -> a batch of frames.
+
+The sounds are built from 0.5 s tiles at 48 kHz, and the frames' windows are 0.5 s on a 0.5 s
+grid, so every frame of a tile hears exactly the same samples: frames that hear the same sound
+must give the same pixels as a batch fed that sound's single embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from graphs import CHECKPOINT, CLAP, CLAP2DIFFUSION, saved_images
+from robust_support import MB, PeakRss
+from schedule_support import rain_then_thunder
+
+from tools.comfy_server import ComfyClient, ComfyServer, Graph
+
+SR = 48_000
+TILE = SR // 2  # 0.5 s
+FPS = 2.0  # frame i is [i / 2, (i + 1) / 2) s: one tile per frame
+FRAMES = 8
+
+
+def _tiles(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """0.5 s of rain-like hiss and 0.5 s of a thunder-like burst, cut from the core test sound."""
+    sound = rain_then_thunder(sample_rate=SR, seconds=20.0, seed=seed)[0, 0].numpy()
+    return sound[:TILE], sound[10 * SR : 10 * SR + TILE]
+
+
+@pytest.fixture(scope="module")
+def sounds(comfy_server: ComfyServer) -> dict[str, str]:
+    rain, thunder = _tiles()
+    files = {
+        "rain_tile.wav": rain,
+        "rain_4s.wav": np.tile(rain, 8),
+        "thunder_4s.wav": np.tile(thunder, 8),
+        "rain_then_thunder_4s.wav": np.concatenate([np.tile(rain, 4), np.tile(thunder, 4)]),
+    }
+    for name, samples in files.items():
+        sf.write(comfy_server.input_dir / name, samples, SR, subtype="FLOAT")
+    return {name: name for name in files}
+
+
+def _frames_graph(sound: str, scheduled: bool, schedule_words: bool = False) -> tuple[Graph, dict]:
+    """LoadAudio -> (CLAP Encode Frames | CLAP Encode) -> Decompose -> Project -> Apply Audio to
+    Conditioning -> an 8-latent batch -> SaveImage. 64 px, one step: the pixels are compared, not judged."""
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    audio = g.node("LoadAudio", audio=sound)
+    clap = g.node("C2D_ClapLoader", clap_name=CLAP)
+    refs: dict = {}
+    if scheduled:
+        embeds = g.node("C2D_ClapEncodeFrames", clap_model=clap.out, audio=audio.out, fps=FPS, frames=0,
+                        window_seconds=0.5, hop_seconds=0.0, smoothing_seconds=0.0, change_threshold=0.05)
+        refs["encode"] = embeds
+        if schedule_words:
+            refs["schedule"] = g.node(
+                "C2D_AudioToPromptSchedule", clap_model=clap.out, clap_embeds=embeds[0], fps=FPS,
+                foreground_count=1, background_count=1, ambience_count=0, threshold=-1.0, margin=0.0,
+                min_frames=0, template="a city street, {audio}", audio=audio.out, change_frames=embeds[2])
+    else:
+        embeds = g.node("C2D_ClapEncode", clap_model=clap.out, audio=audio.out, window_mode="first")
+    model = g.node("C2D_Clap2DiffusionLoader", clap2diffusion_name=CLAP2DIFFUSION)
+    levels = g.node("C2D_HierarchicalDecompose", clap2diffusion=model.out, clap_embeds=embeds[0],
+                    foreground=1.0, background=1.0, ambience=1.0)
+    tokens = g.node("C2D_AudioProject", audio_levels=levels.out)
+    positive = g.node("CLIPTextEncode", clip=ckpt[1], text="a city street")
+    negative = g.node("CLIPTextEncode", clip=ckpt[1], text="")
+    applied = g.node("C2D_ApplyAudioToConditioning", conditioning=positive.out, audio_tokens=tokens.out,
+                     strength=1.0)
+    latent = g.node("EmptyLatentImage", width=64, height=64, batch_size=FRAMES)
+    sampled = g.node("KSampler", model=ckpt[0], positive=applied.out, negative=negative.out,
+                     latent_image=latent.out, seed=7, steps=1, cfg=7.0, sampler_name="euler",
+                     scheduler="normal", denoise=1.0)
+    decoded = g.node("VAEDecode", samples=sampled.out, vae=ckpt[2])
+    g.node("SaveImage", images=decoded.out, filename_prefix="schedule")
+    return g, refs
+
+
+def _images(comfy: ComfyClient, sound: str, scheduled: bool) -> list[np.ndarray]:
+    g, _ = _frames_graph(sound, scheduled)  # cached loaders: only the sound's branch runs again
+    images = saved_images(comfy, comfy.execute(g.prompt(), timeout=300).entry)
+    assert len(images) == FRAMES
+    return images
+
+
+def _differ(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+
+def _same_picture(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    """Equal but for float rounding: a batch of 8 rows and a batch of 1 take different CPU matmul
+    kernels in CLAP and the trained modules (tokens differ by about 5e-6), which can move a few
+    pixels by one level."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001, f"{what}: {(diff > 0).sum()} pixels differ, by up to {diff.max()}"
+
+
+def test_schedule_frames_follow_the_sound_and_a_constant_sound_matches_the_unscheduled_batch(
+    comfy: ComfyClient, sounds: dict[str, str]
+) -> None:
+    single = _images(comfy, sounds["rain_tile.wav"], scheduled=False)  # one embedding for the batch
+    rain = _images(comfy, sounds["rain_4s.wav"], scheduled=True)  # 8 rows, all the same sound
+    thunder = _images(comfy, sounds["thunder_4s.wav"], scheduled=True)
+    mixed = _images(comfy, sounds["rain_then_thunder_4s.wav"], scheduled=True)
+
+    # A constant sound: 8 identical token rows give the unscheduled path's 8 images.
+    for frame in range(FRAMES):
+        _same_picture(rain[frame], single[frame], f"constant sound, frame {frame}")
+    # The sound changes halfway: frames 0-3 are the rain frames, 4-7 the thunder frames...
+    for frame in range(FRAMES):
+        expected, other = (rain, thunder) if frame < 4 else (thunder, rain)
+        _same_picture(mixed[frame], expected[frame], f"rain then thunder, frame {frame}")
+        # ...and the sound matters: the same latent with the other sound is another picture.
+        assert _differ(mixed[frame], other[frame]) > 0.5, f"frame {frame} does not depend on the sound"
+
+
+def test_schedule_nodes_name_the_change_and_give_a_prompt_per_frame(comfy: ComfyClient, sounds: dict[str, str]) -> None:
+    g, refs = _frames_graph(sounds["rain_then_thunder_4s.wav"], scheduled=True, schedule_words=True)
+    # Loudness drives the per-frame strength of the tokens; PreviewAny shows the list it made.
+    audio = g.node("LoadAudio", audio=sounds["rain_then_thunder_4s.wav"])
+    curves = g.node("C2D_AudioEnergyCurves", audio=audio.out, fps=FPS, frames=0, range_db=60.0)
+    shown = g.node("PreviewAny", source=curves[0])
+    run = comfy.execute(g.prompt(), timeout=600)
+    outputs = run.entry["outputs"]
+    [summary] = outputs[refs["encode"].id]["text"]
+    assert summary.startswith(f"{FRAMES} frames") and summary.endswith("changes at: 4"), summary
+    [keyframes] = outputs[refs["schedule"].id]["text"]
+    parsed = json.loads("{" + keyframes + "}")
+    # Frames 0-3 hear the same samples, 4-7 too: the words can change at frame 4 only.
+    assert set(parsed) <= {"0", "4"} and "0" in parsed
+    assert all(text.startswith("a city street") for text in parsed.values())
+    assert len(outputs[refs["schedule"].id]["images"]) == 1  # the timeline picture on the node
+    loudness = json.loads(outputs[shown.id]["text"][0])
+    assert len(loudness) == FRAMES and max(loudness) == 1.0 and min(loudness) >= 0.0
+
+
+def _write_long(path: Path, seconds: int, sample_rate: int = 16_000) -> None:
+    """Hiss, then rumble, written a minute at a time (16-bit): the test process stays small too."""
+    gen = np.random.default_rng(0)
+    with sf.SoundFile(path, "w", samplerate=sample_rate, channels=1, subtype="PCM_16") as f:
+        for minute in range(seconds // 60):
+            noise = gen.standard_normal(60 * sample_rate).astype(np.float32) * 0.1
+            if minute >= seconds // 120:
+                noise = np.convolve(noise, np.ones(64, np.float32) / 8, mode="same")
+            f.write(noise)
+
+
+def test_schedule_ten_minutes_at_24_fps_in_bounded_memory(
+    comfy: ComfyClient, comfy_server: ComfyServer, sounds: dict[str, str]
+) -> None:
+    _images(comfy, sounds["rain_4s.wav"], scheduled=True)  # CLAP and the checkpoint loaded (cached) first
+    name = "schedule_10min.wav"
+    path = comfy_server.input_dir / name
+    _write_long(path, 600)
+    try:
+        g = Graph()
+        audio = g.node("LoadAudio", audio=name)
+        clap = g.node("C2D_ClapLoader", clap_name=CLAP)
+        encode = g.node("C2D_ClapEncodeFrames", clap_model=clap.out, audio=audio.out, fps=24.0, frames=0,
+                        window_seconds=10.0, hop_seconds=10.0, smoothing_seconds=0.0, change_threshold=0.05)
+        curves = g.node("C2D_AudioEnergyCurves", audio=audio.out, fps=24.0, frames=0, range_db=60.0)
+        g.node("PreviewAny", source=encode[2])  # output nodes, so both run
+        g.node("PreviewAny", source=curves[2])
+        with PeakRss(comfy_server) as peak:
+            start = time.monotonic()
+            run = comfy.execute(g.prompt(), timeout=600)
+            seconds = time.monotonic() - start
+        [summary] = run.entry["outputs"][encode.id]["text"]
+        assert summary.startswith(f"{600 * 24} frames"), summary
+        print(f"\n10 min at 24 fps ({600 * 24} frames, a window every 10 s): {seconds:.1f} s, "
+              f"{600 * 24 / seconds:.0f} frames/s, server RSS +{peak.growth / MB:.0f} MB "
+              f"(file decoded: {600 * 16_000 * 4 / MB:.0f} MB as float32)")
+        assert peak.growth < 200 * MB, f"server RSS grew by {peak.growth // MB} MB"
+    finally:
+        path.unlink(missing_ok=True)
