@@ -217,18 +217,22 @@ def encode_frames(
 
 
 def interpolate_anchors(embeds: torch.Tensor, anchors: list[int], num_frames: int) -> torch.Tensor:
-    """``[B, A, D]`` embeddings at frames ``anchors`` -> ``[B, F, D]``: linear between anchors, renormalised."""
+    """``[B, A, D]`` embeddings at frames ``anchors`` -> ``[B, F, D]``: linear between anchors, renormalised.
+
+    Written segment by segment into one output, so a long clip makes no full-size temporaries.
+    """
     if len(anchors) == num_frames:
         return embeds
-    frames = torch.arange(num_frames, dtype=torch.float32)
-    at = torch.tensor(anchors, dtype=torch.float32)
-    right = torch.searchsorted(at, frames).clamp(1, len(anchors) - 1) if len(anchors) > 1 else None
-    if right is None:
-        return embeds.expand(-1, num_frames, -1).clone()
-    left = right - 1
-    t = ((frames - at[left]) / (at[right] - at[left])).clamp(0, 1)[None, :, None]
-    mixed = embeds[:, left] * (1 - t) + embeds[:, right] * t
-    return F.normalize(mixed, dim=-1)
+    out = embeds.new_empty(embeds.shape[0], num_frames, embeds.shape[2])
+    if len(anchors) == 1:
+        out[:] = embeds[:, :1]
+        return out
+    for k in range(len(anchors) - 1):
+        a, b = anchors[k], anchors[k + 1]
+        t = torch.arange(b - a + 1, dtype=embeds.dtype)[None, :, None] / (b - a)  # [1, n, 1]
+        segment = torch.lerp(embeds[:, k : k + 1], embeds[:, k + 1 : k + 2], t)
+        out[:, a : b + 1] = F.normalize(segment, dim=-1)
+    return out
 
 
 def smooth_frames(embeds: torch.Tensor, sigma_frames: float) -> torch.Tensor:
@@ -264,17 +268,22 @@ class ChangePoints:
     novelty: torch.Tensor
 
 
-def novelty_curve(embeds: torch.Tensor, span: int) -> torch.Tensor:
-    """``[F, D]`` -> ``[F]``: ``1 - cos(mean(e[i - span : i]), mean(e[i : i + span]))`` (0 at frame 0)."""
+def novelty_curve(embeds: torch.Tensor, span: int, chunk: int = 2048) -> torch.Tensor:
+    """``[F, D]`` -> ``[F]``: ``1 - cos(mean(e[i - span : i]), mean(e[i : i + span]))`` (0 at frame 0).
+
+    Running sums, compared ``chunk`` frames at a time: one extra ``[F, D]`` tensor at most.
+    """
     f = embeds.shape[0]
     span = max(1, span)
-    csum = torch.cat([embeds.new_zeros(1, embeds.shape[1]), embeds.double().cumsum(0).to(embeds.dtype)])
-    idx = torch.arange(f)
-    lo, hi = (idx - span).clamp(min=0), (idx + span).clamp(max=f)
-    before = csum[idx] - csum[lo]
-    after = csum[hi] - csum[idx]
-    cos = F.cosine_similarity(before, after, dim=-1)
-    novelty = (1 - cos).clamp(min=0)
+    csum = embeds.new_zeros(f + 1, embeds.shape[1], dtype=torch.float32)  # [F + 1, D], row 0 = 0
+    torch.cumsum(embeds.float(), 0, out=csum[1:])
+    novelty = torch.zeros(f)
+    for first in range(0, f, chunk):
+        idx = torch.arange(first, min(first + chunk, f))
+        lo, hi = (idx - span).clamp(min=0), (idx + span).clamp(max=f)
+        before = csum[idx] - csum[lo]
+        after = csum[hi] - csum[idx]
+        novelty[first : first + len(idx)] = (1 - F.cosine_similarity(before, after, dim=-1)).clamp(min=0)
     novelty[0] = 0.0
     return novelty
 

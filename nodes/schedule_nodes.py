@@ -27,6 +27,8 @@ from .prompt_nodes import label_cache
 
 log = logging.getLogger(__name__)
 
+# Windows per CLAP pass: CLAP's activations for a batch, not the sound's length, set the memory.
+_BATCH = 4
 _FPS_TOOLTIP = "Frames per second of the animation; the same value as the node that saves or plays the frames."
 _FRAMES_TOOLTIP = "How many frames. 0: as many as the sound lasts at this fps (a 20 s sound at 8 fps is 160)."
 
@@ -83,7 +85,7 @@ class ClapEncodeFrames(io.ComfyNode):
                     "hop_seconds",
                     default=0.5,
                     min=0.0,
-                    max=10.0,
+                    max=60.0,
                     step=0.05,
                     tooltip="Encode a window every this many seconds and interpolate the frames between "
                     "(each window is a full CLAP pass). 0: every frame gets its own window.",
@@ -150,7 +152,7 @@ class ClapEncodeFrames(io.ComfyNode):
 
         embeds = timeline.encode_frames(
             encoder.encode_windows, waveform, sample_rate, fps, num_frames, window_seconds, stride,
-            progress=between_batches,
+            batch_size=_BATCH, progress=between_batches,
         )[0]  # [F, 512]
         embeds = timeline.smooth_frames(embeds, smoothing_seconds * fps)
         span = max(1, round(window_seconds * fps / 2))  # half a window each side
@@ -261,6 +263,7 @@ class AudioToPromptSchedule(io.ComfyNode):
             node_id="C2D_AudioToPromptSchedule",
             display_name="Audio to Prompt Schedule",
             category=types.CATEGORY,
+            is_output_node=True,  # the timeline and the keyframes show on the node even when unwired
             description="Words over time: per frame, CLAP names what is heard, held with hysteresis so words "
             "do not flicker. Gives keyframe text for prompt-schedule nodes and one prompt per frame. The "
             "timeline picture shows the labels, the loudness and the change points.",

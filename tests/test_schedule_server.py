@@ -46,7 +46,9 @@ def sounds(comfy_server: ComfyServer) -> dict[str, str]:
     return {name: name for name in files}
 
 
-def _frames_graph(sound: str, scheduled: bool, schedule_words: bool = False) -> tuple[Graph, dict]:
+def _frames_graph(
+    sound: str, scheduled: bool, schedule_words: bool = False, change_threshold: float = 0.05
+) -> tuple[Graph, dict]:
     """LoadAudio -> (CLAP Encode Frames | CLAP Encode) -> Decompose -> Project -> Apply Audio to
     Conditioning -> an 8-latent batch -> SaveImage. 64 px, one step: the pixels are compared, not judged."""
     g = Graph()
@@ -56,7 +58,7 @@ def _frames_graph(sound: str, scheduled: bool, schedule_words: bool = False) -> 
     refs: dict = {}
     if scheduled:
         embeds = g.node("C2D_ClapEncodeFrames", clap_model=clap.out, audio=audio.out, fps=FPS, frames=0,
-                        window_seconds=0.5, hop_seconds=0.0, smoothing_seconds=0.0, change_threshold=0.05)
+                        window_seconds=0.5, hop_seconds=0.0, smoothing_seconds=0.0, change_threshold=change_threshold)
         refs["encode"] = embeds
         if schedule_words:
             refs["schedule"] = g.node(
@@ -121,7 +123,10 @@ def test_schedule_frames_follow_the_sound_and_a_constant_sound_matches_the_unsch
 
 
 def test_schedule_nodes_name_the_change_and_give_a_prompt_per_frame(comfy: ComfyClient, sounds: dict[str, str]) -> None:
-    g, refs = _frames_graph(sounds["rain_then_thunder_4s.wav"], scheduled=True, schedule_words=True)
+    # The random test CLAP hears any two sounds as nearly alike (cosine distance far below a real
+    # CLAP's), so the change threshold is tiny; frames that hear the same samples differ by 0.
+    g, refs = _frames_graph(sounds["rain_then_thunder_4s.wav"], scheduled=True, schedule_words=True,
+                            change_threshold=1e-5)
     # Loudness drives the per-frame strength of the tokens; PreviewAny shows the list it made.
     audio = g.node("LoadAudio", audio=sounds["rain_then_thunder_4s.wav"])
     curves = g.node("C2D_AudioEnergyCurves", audio=audio.out, fps=FPS, frames=0, range_db=60.0)
@@ -151,31 +156,38 @@ def _write_long(path: Path, seconds: int, sample_rate: int = 16_000) -> None:
             f.write(noise)
 
 
-def test_schedule_ten_minutes_at_24_fps_in_bounded_memory(
-    comfy: ComfyClient, comfy_server: ComfyServer, sounds: dict[str, str]
-) -> None:
-    _images(comfy, sounds["rain_4s.wav"], scheduled=True)  # CLAP and the checkpoint loaded (cached) first
+def _encode_graph(name: str, fps: float, hop_seconds: float) -> tuple[Graph, object]:
+    g = Graph()
+    audio = g.node("LoadAudio", audio=name)
+    clap = g.node("C2D_ClapLoader", clap_name=CLAP)
+    encode = g.node("C2D_ClapEncodeFrames", clap_model=clap.out, audio=audio.out, fps=fps, frames=0,
+                    window_seconds=10.0, hop_seconds=hop_seconds, smoothing_seconds=0.0, change_threshold=0.05)
+    curves = g.node("C2D_AudioEnergyCurves", audio=audio.out, fps=fps, frames=0, range_db=60.0)
+    g.node("PreviewAny", source=encode[2])  # output nodes, so both run
+    g.node("PreviewAny", source=curves[2])
+    return g, encode
+
+
+def test_schedule_ten_minutes_at_24_fps_in_bounded_memory(comfy: ComfyClient, comfy_server: ComfyServer) -> None:
+    # The server has run CLAP on a batch before (as any server that encoded a sound has): the
+    # growth measured is what the long file adds, not CLAP's first working set.
+    warm = comfy_server.input_dir / "schedule_20s.wav"
+    sf.write(warm, rain_then_thunder(16_000)[0, 0].numpy(), 16_000)
+    comfy.execute(_encode_graph(warm.name, fps=0.5, hop_seconds=0.0)[0].prompt(), timeout=300)
     name = "schedule_10min.wav"
     path = comfy_server.input_dir / name
     _write_long(path, 600)
     try:
-        g = Graph()
-        audio = g.node("LoadAudio", audio=name)
-        clap = g.node("C2D_ClapLoader", clap_name=CLAP)
-        encode = g.node("C2D_ClapEncodeFrames", clap_model=clap.out, audio=audio.out, fps=24.0, frames=0,
-                        window_seconds=10.0, hop_seconds=10.0, smoothing_seconds=0.0, change_threshold=0.05)
-        curves = g.node("C2D_AudioEnergyCurves", audio=audio.out, fps=24.0, frames=0, range_db=60.0)
-        g.node("PreviewAny", source=encode[2])  # output nodes, so both run
-        g.node("PreviewAny", source=curves[2])
+        g, encode = _encode_graph(name, fps=24.0, hop_seconds=60.0)  # 11 windows: the test CLAP is slow on CPU
         with PeakRss(comfy_server) as peak:
             start = time.monotonic()
             run = comfy.execute(g.prompt(), timeout=600)
             seconds = time.monotonic() - start
         [summary] = run.entry["outputs"][encode.id]["text"]
         assert summary.startswith(f"{600 * 24} frames"), summary
-        print(f"\n10 min at 24 fps ({600 * 24} frames, a window every 10 s): {seconds:.1f} s, "
-              f"{600 * 24 / seconds:.0f} frames/s, server RSS +{peak.growth / MB:.0f} MB "
-              f"(file decoded: {600 * 16_000 * 4 / MB:.0f} MB as float32)")
+        print(f"\n10 min at 24 fps ({600 * 24} frames, a window every 60 s): {seconds:.1f} s, "
+              f"server RSS +{peak.growth / MB:.0f} MB (the file decoded: {600 * 16_000 * 4 / MB:.0f} MB as float32)")
         assert peak.growth < 200 * MB, f"server RSS grew by {peak.growth // MB} MB"
     finally:
         path.unlink(missing_ok=True)
+        warm.unlink(missing_ok=True)
