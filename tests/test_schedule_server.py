@@ -70,7 +70,7 @@ def _frames_graph(
     model = g.node("C2D_Clap2DiffusionLoader", clap2diffusion_name=CLAP2DIFFUSION)
     levels = g.node("C2D_HierarchicalDecompose", clap2diffusion=model.out, clap_embeds=embeds[0],
                     foreground=1.0, background=1.0, ambience=1.0)
-    tokens = g.node("C2D_AudioProject", audio_levels=levels.out)
+    tokens = g.node("C2D_AudioProject", audio_levels=levels.out, clap2diffusion=model.out)
     positive = g.node("CLIPTextEncode", clip=ckpt[1], text="a city street")
     negative = g.node("CLIPTextEncode", clip=ckpt[1], text="")
     applied = g.node("C2D_ApplyAudioToConditioning", conditioning=positive.out, audio_tokens=tokens.out,

@@ -605,6 +605,57 @@ def audio_to_prompt(wf: Workflow) -> None:
     wf.group("3 · Sample", tail, GROUP_COLORS["sample"])
 
 
+def sound_to_frames(wf: Workflow) -> None:
+    """Meaning over time: one CLAP embedding per frame -> one token row per latent -> an animation."""
+    ckpt = checkpoint(wf, (0, 0))
+    positive, negative = prompts(wf, ckpt["CLIP"], (360, 0), text="a city street at night, film still")
+    clap, c2d = loaders(wf, (0, AUDIO_ROW), STAGE1)
+    load = wf.node("C2D_LoadAudio", (0, AUDIO_ROW + 200), (315, 170), audio="thunder.wav", max_seconds=0.0)
+    frames = wf.node("C2D_ClapEncodeFrames", (350, AUDIO_ROW), (300, 250), clap_model=clap.out, audio=load.out,
+                     fps=8.0, frames=0, window_seconds=10.0, hop_seconds=0.5, smoothing_seconds=0.5,
+                     change_threshold=0.05)
+    decompose = wf.node("C2D_HierarchicalDecompose", (690, AUDIO_ROW), (320, 430), clap2diffusion=c2d.out,
+                        clap_embeds=frames["clap_embeds"], foreground=1.0, background=1.0, ambience=1.0,
+                        temperature=0.0)
+    project = wf.node("C2D_AudioProject", (1050, AUDIO_ROW), (230, 66), audio_levels=decompose.out,
+                      clap2diffusion=c2d.out)
+    energy = wf.node("C2D_AudioEnergyCurves", (350, AUDIO_ROW + 300), (300, 130), audio=load.out, fps=8.0,
+                     frames=0, range_db=60.0)
+    scale = wf.node("C2D_ScaleAudioTokensPerFrame", (1050, AUDIO_ROW + 110), (300, 130),
+                    audio_tokens=project.out, weights=energy["loudness"], multiply=0.5, add=0.75)
+    apply = wf.node("C2D_ApplyAudioToConditioning", (800, 0), (290, 82), conditioning=positive.out,
+                    audio_tokens=scale.out, strength=1.0)
+    latent = wf.node("EmptyLatentImage", (1130, 330), (300, 106), width=512, height=512,
+                     batch_size=frames["frames"])
+    sampler = wf.node("KSampler", (1130, 0), (300, 262), model=ckpt["MODEL"], positive=apply.out,
+                      negative=negative.out, latent_image=latent.out, seed=42, steps=20, cfg=7.0,
+                      sampler_name="euler", scheduler="normal", denoise=1.0)
+    decode = wf.node("VAEDecode", (1470, 0), (210, 46), samples=sampler.out, vae=ckpt["VAE"])
+    save = wf.node("SaveAnimatedWEBP", (1470, 90), (400, 450), images=decode.out,
+                   filename_prefix="clap2diffusion_frames", fps=8.0, lossless=False, quality=85,
+                   method="default")
+    wf.note(note_text(
+        "Sound -> frames (meaning over time)",
+        "CLAP Encode Frames gives one embedding per frame (a window centred on each frame), so each "
+        "latent of the batch hears its own moment of the sound: frame i gets the sound of frame i. "
+        "The frames count sets the batch size; loudness scales each frame's audio tokens. The frames "
+        "are saved as an animated WEBP at the same fps.",
+        files_block(STAGE1),
+        ["**fps** must match on CLAP Encode Frames, Audio Energy Curves and Save Animated WEBP.",
+         "A 20 s sound at 8 fps is 160 frames: one latent each. Lower the fps or set **frames** to "
+         "keep the batch within memory.",
+         "**hop_seconds**: one CLAP pass every half second, frames between interpolated; 0 encodes "
+         "every frame.",
+         "Add **Audio to Prompt Schedule** on the embeddings for keyframe text (\"0\": \"...\", "
+         "\"80\": \"...\") for prompt-schedule nodes, and a timeline picture."]),
+        (-480, -60), (440, 800), "Read me: model files")
+    wf.group("1 · Model and prompt", [ckpt, positive, negative], GROUP_COLORS["model"])
+    wf.group("2 · Sound -> one token row per frame", [clap, c2d, load, frames, decompose, project, energy, scale],
+             GROUP_COLORS["audio"])
+    wf.group("3 · Add the sound to the prompt, sample the batch, save the animation",
+             [apply, latent, sampler, decode, save], GROUP_COLORS["sample"])
+
+
 WORKFLOWS: dict[str, Callable[[Workflow], None]] = {
     "audio_text_to_image": audio_text_to_image,
     "audio_adapter": audio_adapter,
@@ -612,6 +663,7 @@ WORKFLOWS: dict[str, Callable[[Workflow], None]] = {
     "audio_lora": audio_lora,
     "two_sounds": two_sounds,
     "audio_to_prompt": audio_to_prompt,
+    "sound_to_frames": sound_to_frames,
 }
 
 
