@@ -87,8 +87,9 @@ def onset_strength(waveform: torch.Tensor, sample_rate: int, fps: float, num_fra
             frames[:, j, : piece.shape[-1]] = piece
         spectrum = torch.fft.rfft(frames * window, n=n_fft).abs()
         log_mag = torch.log1p(100.0 * spectrum)  # [B, n, bins]
-        # Frame 0 is compared with silence: a sound that starts is an onset.
-        start = torch.zeros_like(log_mag[:, :1]) if previous is None else previous
+        # Frame 0 has nothing before it: 0, not the whole spectrum against silence (which would
+        # dwarf every later hit once the curve is normalised).
+        start = log_mag[:, :1] if previous is None else previous
         before = torch.cat([start, log_mag[:, :-1]], dim=1)
         flux[:, first : first + log_mag.shape[1]] = (log_mag - before).clamp(min=0).sum(-1)
         previous = log_mag[:, -1:]
