@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from functools import lru_cache
 
@@ -231,6 +233,32 @@ def validate_waveform(waveform: torch.Tensor, sample_rate: int) -> list[str]:
     return warnings
 
 
+# A waveform is checked once per sound: Load Audio checks what it decodes, and the encode path
+# then finds the same tensor here instead of scanning an hour of samples again. Keyed by the
+# tensor's identity and version (an in-place edit makes it a new sound), held weakly.
+_VALIDATED: dict[int, tuple[weakref.ref, int, int, tuple[str, ...]]] = {}
+
+
+def check_waveform(waveform: torch.Tensor, sample_rate: int) -> tuple[list[str], bool]:
+    """:func:`validate_waveform`, once per tensor: ``(warnings, first_time)``.
+
+    ``first_time`` is False when this very tensor (same version, same rate) was checked before,
+    so callers log its warnings only once.
+    """
+    key = id(waveform)
+    seen = _VALIDATED.get(key)
+    if (seen is not None and seen[0]() is waveform and seen[1] == getattr(waveform, "_version", 0)
+            and seen[2] == sample_rate):  # fmt: skip
+        return list(seen[3]), False
+    warnings = validate_waveform(waveform, sample_rate)
+    try:
+        ref = weakref.ref(waveform, lambda _, key=key: _VALIDATED.pop(key, None))
+    except TypeError:  # not weak-referenceable: nothing to remember it by
+        return warnings, True
+    _VALIDATED[key] = (ref, getattr(waveform, "_version", 0), sample_rate, tuple(warnings))
+    return warnings, True
+
+
 # --------------------------------------------------------------------------------------------
 # Mono, resampling, windows
 # --------------------------------------------------------------------------------------------
@@ -298,7 +326,7 @@ def prepare_windows(
     """
     if waveform.ndim == 2:
         waveform = waveform.unsqueeze(0)
-    validate_waveform(waveform, sample_rate)
+    check_waveform(waveform, sample_rate)
     size = int(round(window_seconds * CLAP_SAMPLE_RATE))
     mono = resample(to_mono(waveform.float()), sample_rate, CLAP_SAMPLE_RATE)[:, 0]  # [B, T']
     total = mono.shape[-1]
@@ -307,3 +335,203 @@ def prepare_windows(
         n -= 1
     windows = [repeat_pad(mono[:, i * size : (i + 1) * size], size) for i in range(n)]
     return torch.stack(windows, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming: windows from a sound of any length, a few windows in memory at a time
+# --------------------------------------------------------------------------------------------
+
+#: Input samples read per step when streaming (about 10 s at 48 kHz).
+STREAM_BLOCK = WINDOW_SAMPLES
+
+
+class StreamingResampler:
+    """:func:`resample` of a long signal fed in pieces: the same samples out (equal to float32
+    rounding), holding only the filter's context between pieces.
+
+    ``push([M, n])`` returns the resampled samples that are final so far; ``finish()`` the rest.
+    """
+
+    def __init__(self, orig_sr: int, new_sr: int = CLAP_SAMPLE_RATE) -> None:
+        self.identity = orig_sr == new_sr
+        ratio = Fraction(new_sr, orig_sr).limit_denominator(1000)
+        self.up, self.down = ratio.numerator, ratio.denominator
+        self.width = 0
+        self.kernel: torch.Tensor | None = None
+        self.buffer: torch.Tensor | None = None  # input from frame ``self.frame`` minus the context
+        self.frame = 0  # next output frame (of ``up`` samples)
+        self.seen = 0  # input samples pushed
+
+    def push(self, piece: torch.Tensor) -> torch.Tensor:
+        """``[M, n]`` input -> ``[M, k]`` output samples, final and in order."""
+        if self.identity:
+            self.seen += piece.shape[-1]
+            return piece
+        if self.kernel is None:
+            self.kernel, self.width = _sinc_kernel(self.down, self.up, str(piece.device), piece.dtype)
+            # The whole-signal version pads ``width`` zeros on the left.
+            self.buffer = piece.new_zeros(piece.shape[0], self.width)
+        self.buffer = torch.cat([self.buffer, piece], dim=-1)
+        self.seen += piece.shape[-1]
+        # Frame f reads input [f * down - width, f * down + width + down): only frames whose whole
+        # span has arrived are final.
+        ready = (self.seen - self.width - self.down) // self.down + 1 - self.frame
+        return self._frames(max(ready, 0))
+
+    def finish(self) -> torch.Tensor:
+        if self.identity or self.buffer is None:  # nothing held back
+            return torch.zeros(1, 0)
+        target = math.ceil(self.up * self.seen / self.down)
+        frames = math.ceil(target / self.up) - self.frame
+        self.buffer = F.pad(self.buffer, (0, self.width + self.down))  # right padding, as resample()
+        out = self._frames(max(frames, 0))
+        done_before = (self.frame - max(frames, 0)) * self.up
+        return out[:, : max(target - done_before, 0)]
+
+    def _frames(self, count: int) -> torch.Tensor:
+        assert self.buffer is not None and self.kernel is not None
+        if count <= 0:
+            return self.buffer.new_zeros(self.buffer.shape[0], 0)
+        span = (count - 1) * self.down + 2 * self.width + self.down
+        out = F.conv1d(self.buffer[:, None, :span], self.kernel, stride=self.down)  # [M, up, count]
+        self.buffer = self.buffer[:, count * self.down :]
+        self.frame += count
+        return out.transpose(1, 2).reshape(out.shape[0], -1)
+
+
+def stream_windows(
+    pieces: Iterable[torch.Tensor], sample_rate: int, window_seconds: float = WINDOW_SECONDS,
+    first_only: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Pieces of a sound ``[B, C, n]`` (in order) -> its CLAP windows, ``[B, window_samples]`` each.
+
+    The same windows as :func:`prepare_windows` on the whole sound (equal within float32 rounding
+    of the resampler), but only the current pieces, the resampler's context and one window are in
+    memory. ``first_only`` stops after the first window (nothing more is read).
+    """
+    size = int(round(window_seconds * CLAP_SAMPLE_RATE))
+    resampler = StreamingResampler(sample_rate, CLAP_SAMPLE_RATE)
+    pending: list[torch.Tensor] = []  # 48 kHz mono, less than one window
+    pending_len = 0
+    emitted = 0
+
+    def take(samples: torch.Tensor) -> Iterator[torch.Tensor]:
+        nonlocal pending_len, emitted
+        if samples.shape[-1]:
+            pending.append(samples)
+            pending_len += samples.shape[-1]
+        while pending_len >= size:
+            joined = torch.cat(pending, dim=-1)
+            window, rest = joined[:, :size], joined[:, size:]
+            pending[:] = [rest] if rest.shape[-1] else []
+            pending_len = rest.shape[-1]
+            emitted += 1
+            yield window.contiguous()
+
+    for piece in pieces:
+        if piece.ndim == 2:
+            piece = piece.unsqueeze(0)
+        mono = to_mono(piece.float())[:, 0]  # [B, n]
+        for window in take(resampler.push(mono)):
+            yield window
+            if first_only:
+                return
+    for window in take(resampler.finish()):
+        yield window
+        if first_only:
+            return
+    # The tail, as prepare_windows: dropped when shorter than MIN_TAIL_SECONDS after a full window.
+    if pending_len and (emitted == 0 or pending_len >= MIN_TAIL_SECONDS * CLAP_SAMPLE_RATE):
+        yield repeat_pad(torch.cat(pending, dim=-1), size)
+
+
+def waveform_pieces(waveform: torch.Tensor, sample_rate: int, block: int = STREAM_BLOCK,
+                    max_samples: int | None = None) -> Iterator[torch.Tensor]:
+    """An in-memory ``[B, C, T]`` sound as views of about ``block`` 48 kHz-samples' worth each."""
+    step = max(1, int(block * sample_rate / CLAP_SAMPLE_RATE))
+    end = waveform.shape[-1] if max_samples is None else min(waveform.shape[-1], max_samples)
+    for start in range(0, end, step):
+        yield waveform[..., start : min(start + step, end)]
+
+
+def count_windows(samples: int, sample_rate: int, window_seconds: float = WINDOW_SECONDS) -> int:
+    """How many windows :func:`prepare_windows` makes of ``samples`` at ``sample_rate``."""
+    size = int(round(window_seconds * CLAP_SAMPLE_RATE))
+    total = math.ceil(Fraction(CLAP_SAMPLE_RATE, sample_rate).limit_denominator(1000) * samples)
+    n = max(1, math.ceil(total / size))
+    if n > 1 and total - (n - 1) * size < MIN_TAIL_SECONDS * CLAP_SAMPLE_RATE:
+        n -= 1
+    return n
+
+
+def stream_audio_file(path: str | os.PathLike, max_seconds: float | None = None,
+                      block_seconds: float = WINDOW_SECONDS) -> tuple[int, int | None, Iterator[torch.Tensor]]:
+    """Decode a file piece by piece: ``(sample_rate, estimated_samples or None, pieces [1, C, n])``.
+
+    Memory stays at about one ``block_seconds`` piece whatever the file's length. The same checks
+    as :func:`load_audio_file` for missing, empty and unreadable files; each piece is validated
+    (non-finite samples raise ``AudioError`` there).
+    """
+    import av
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioError(f"Audio file not found: {path!r}. Put it in ComfyUI's input folder or upload it.")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{os.path.basename(path)!r} is empty (0 bytes). Re-export or re-upload the file.")
+    try:
+        container = av.open(path)
+    except Exception as err:  # noqa: BLE001 - FFmpeg cannot open it: the whole-file path explains why
+        raise AudioError(_describe_unreadable(path, err)) from err
+    if not container.streams.audio:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        container.close()
+        raise AudioError(
+            f"{os.path.basename(path)!r} has no audio track (found: {', '.join(kinds)}); {_sniff(path)}. "
+            "Use a wav, flac, mp3 or ogg file, or a video with sound."
+        )
+    stream = container.streams.audio[0]
+    sample_rate = int(stream.codec_context.sample_rate or 0)
+    if sample_rate <= 0:
+        container.close()
+        raise AudioError(f"{os.path.basename(path)!r} does not say its sample rate: re-export the file.")
+    estimate = None
+    if stream.duration is not None and stream.time_base is not None:
+        estimate = int(stream.duration * stream.time_base * sample_rate)
+    limit = None if not max_seconds else math.ceil(max_seconds * sample_rate)
+    if limit is not None and estimate is not None:
+        estimate = min(estimate, limit)
+
+    def pieces() -> Iterator[torch.Tensor]:
+        block = max(1, int(block_seconds * sample_rate))
+        held: list[torch.Tensor] = []
+        held_len = total = 0
+        try:
+            for frame in container.decode(stream):
+                data = _frame_to_float(frame)
+                if limit is not None:
+                    data = data[:, : max(limit - total, 0)]
+                held.append(data)
+                held_len += data.shape[-1]
+                total += data.shape[-1]
+                if held_len >= block:
+                    yield _checked_piece(torch.cat(held, dim=-1), sample_rate, path)
+                    held, held_len = [], 0
+                if limit is not None and total >= limit:
+                    break
+            if held_len:
+                yield _checked_piece(torch.cat(held, dim=-1), sample_rate, path)
+            if total == 0:
+                raise AudioError(f"{os.path.basename(path)!r} decoded to no samples: the audio track is empty.")
+        finally:
+            container.close()
+
+    return sample_rate, estimate, pieces()
+
+
+def _checked_piece(piece: torch.Tensor, sample_rate: int, path: str) -> torch.Tensor:
+    if not bool(torch.isfinite(piece.amax()) and torch.isfinite(piece.amin())):
+        raise AudioError(
+            f"{os.path.basename(path)!r} holds NaN/Inf samples: the file is damaged. Re-export it."
+        )
+    return piece.unsqueeze(0)  # [1, C, n]

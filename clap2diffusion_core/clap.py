@@ -14,7 +14,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -24,7 +24,14 @@ from torch import nn
 from transformers import ClapConfig, ClapModel
 
 from . import laion_convert
-from .audio import CLAP_SAMPLE_RATE, WINDOW_SAMPLES, prepare_windows
+from .audio import (
+    CLAP_SAMPLE_RATE,
+    WINDOW_SAMPLES,
+    check_waveform,
+    count_windows,
+    stream_windows,
+    waveform_pieces,
+)
 from .errors import ClapError
 
 log = logging.getLogger(__name__)
@@ -78,15 +85,20 @@ def mel_filters(cfg: MelConfig, fused: bool) -> torch.Tensor:
     return torch.from_numpy(bank).float()
 
 
-class ClapEncoder(nn.Module):
-    """CLAP audio and text towers with a deterministic 48 kHz, 10 s log-mel front end."""
+class ClapAudioTower(nn.Module):
+    """CLAP's audio side alone: HTS-AT, its projection and the deterministic log-mel front end.
 
-    def __init__(self, model: ClapModel, tokenizer=None, mel: MelConfig | None = None):
+    ``[N, 480000]`` 48 kHz windows -> ``[N, D]`` L2-normalised embeddings. About a fifth of a
+    whole ClapModel (the RoBERTa text tower is the rest), so encoding sound never holds text weights.
+    """
+
+    def __init__(self, audio_model: nn.Module, audio_projection: nn.Module, config, mel: MelConfig | None = None):
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        self.audio_model = audio_model.eval().requires_grad_(False)
+        self.audio_projection = audio_projection.eval().requires_grad_(False)
+        self.config = config  # transformers ClapAudioConfig
         self.mel = mel or MelConfig()
-        self.fused = bool(model.config.audio_config.enable_fusion)
+        self.fused = bool(config.enable_fusion)
         # Buffers, so the front end follows the model to the GPU; kept float32 at use.
         self.register_buffer("mel_filters", mel_filters(self.mel, self.fused), persistent=False)
         self.register_buffer(
@@ -95,43 +107,39 @@ class ClapEncoder(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.config.projection_dim)
+        return int(self.config.projection_dim)
 
     @property
     def compute_device(self) -> torch.device:
         # Not ``device``: ComfyUI's ModelPatcher keeps its own ``model.device`` bookkeeping attribute.
-        return next(self.model.parameters()).device
+        return next(self.audio_model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return next(self.audio_model.parameters()).dtype
 
-    # ----------------------------------------------------------------------------------------
     def log_mel(self, windows: torch.Tensor) -> torch.Tensor:
         """``[N, T]`` 48 kHz audio -> ``[N, frames, n_mels]`` log-mel in dB (float32).
 
         Matches ClapFeatureExtractor's ``_np_extract_fbank_features``: centred reflect-padded
         STFT, Hann window, power spectrum, mel floor 1e-10, ``10 * log10``.
         """
-        spec = (
-            torch.stft(
-                windows.float(),
-                n_fft=self.mel.n_fft,
-                hop_length=self.mel.hop_length,
-                window=self.stft_window.to(windows.device, torch.float32),
-                center=True,
-                pad_mode="reflect",
-                return_complex=True,
-            )
-            .abs()
-            .pow(2)
-        )  # [N, freq, frames]
+        spec = torch.stft(
+            windows.float(),
+            n_fft=self.mel.n_fft,
+            hop_length=self.mel.hop_length,
+            window=self.stft_window.to(windows.device, torch.float32),
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        )
+        power = torch.view_as_real(spec).pow(2).sum(-1)  # |z|^2 without the sqrt and re-square
         mel = torch.matmul(
-            spec.transpose(1, 2), self.mel_filters.to(spec.device, torch.float32)
+            power.transpose(1, 2), self.mel_filters.to(spec.device, torch.float32)
         )  # [N, frames, mels]
         return 10.0 * torch.log10(mel.clamp(min=1e-10))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_windows(
         self, windows: torch.Tensor, batch_size: int = 8, on_batch: BatchCallback | None = None
     ) -> torch.Tensor:
@@ -148,36 +156,21 @@ class ClapEncoder(nn.Module):
             if on_batch is not None:
                 on_batch(done, total)
             done += chunk.shape[0]
-            mel = self.log_mel(chunk.to(self.compute_device)).unsqueeze(1)  # [n, 1, frames, mels]
-            # Fused models take four mel views; a window of exactly 10 s is "not longer", so the
-            # model reads only the first (laion-clap's inference path): no random crops.
-            channels = 4 if self.fused else 1
-            mel = mel.expand(-1, channels, -1, -1).to(self.dtype)
-            is_longer = torch.zeros(mel.shape[0], 1, dtype=torch.bool, device=mel.device)
-            features = self.model.get_audio_features(input_features=mel, is_longer=is_longer)
-            out.append(_features(features))
+            out.append(self._encode_batch(chunk))
         if on_batch is not None:
             on_batch(done, total)
-        return F.normalize(torch.cat(out).float(), dim=-1)
+        return torch.cat(out)
 
-    @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """``N`` strings -> ``[N, D]`` L2-normalised text embeddings."""
-        if self.tokenizer is None:
-            raise ClapError(
-                "This CLAP model came without a tokenizer, so it cannot encode text (audio works)."
-            )
-        if isinstance(texts, str):
-            texts = [texts]
-        max_length = min(getattr(self.tokenizer, "model_max_length", 77) or 77, 77)  # laion-clap: 77 tokens
-        tokens = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        features = self.model.get_text_features(
-            input_ids=tokens["input_ids"].to(self.compute_device),
-            attention_mask=tokens["attention_mask"].to(self.compute_device),
-        )
-        return F.normalize(_features(features).float(), dim=-1)
+    def _encode_batch(self, chunk: torch.Tensor) -> torch.Tensor:
+        """``[n, 480000]`` -> ``[n, D]`` normalised float32 (one forward pass)."""
+        mel = self.log_mel(chunk.to(self.compute_device)).unsqueeze(1)  # [n, 1, frames, mels]
+        # Fused models take four mel views; a window of exactly 10 s is "not longer", so the
+        # model reads only the first (laion-clap's inference path): no random crops.
+        channels = 4 if self.fused else 1
+        mel = mel.expand(-1, channels, -1, -1).to(self.dtype)
+        is_longer = torch.zeros(mel.shape[0], 1, dtype=torch.bool, device=mel.device)
+        pooled = _pooled(self.audio_model(input_features=mel, is_longer=is_longer))
+        return F.normalize(self.audio_projection(pooled).float(), dim=-1)
 
     def embed(
         self,
@@ -185,29 +178,177 @@ class ClapEncoder(nn.Module):
         sample_rate: int,
         mode: EmbedMode = "first",
         on_batch: BatchCallback | None = None,
+        batch_size: int = 8,
     ) -> torch.Tensor:
-        """ComfyUI AUDIO ``[B, C, T]`` -> ``[B', D]`` L2-normalised.
+        """ComfyUI AUDIO ``[B, C, T]`` -> ``[B', D]`` L2-normalised, streamed window by window.
 
         ``first``: the first 10 s (B' = B). ``mean``: the normalised mean over all 10 s windows
-        (B' = B). ``per_window``: one row per window, batch-major (B' = B * N). ``on_batch``: see
-        :meth:`encode_windows`.
+        (B' = B). ``per_window``: one row per window, batch-major (B' = B * N). Memory holds a
+        batch of windows, not the resampled sound. ``on_batch``: see :meth:`encode_windows`.
+        """
+        if waveform.ndim == 2:
+            waveform = waveform.unsqueeze(0)
+        check_waveform(waveform, sample_rate)  # once per sound (Load Audio may have done it)
+        total = 1 if mode == "first" else count_windows(waveform.shape[-1], sample_rate)
+        limit = None
+        if mode == "first":
+            # Resample only what the first window needs (plus a margin for the filter).
+            limit = int(sample_rate * (WINDOW_SAMPLES / CLAP_SAMPLE_RATE)) + 64
+        pieces = waveform_pieces(waveform, sample_rate, max_samples=limit)
+        return self.embed_stream(pieces, sample_rate, mode, total, on_batch, batch_size)
+
+    @torch.inference_mode()
+    def embed_stream(
+        self,
+        pieces: Iterable[torch.Tensor],
+        sample_rate: int,
+        mode: EmbedMode = "first",
+        total_windows: int | None = None,
+        on_batch: BatchCallback | None = None,
+        batch_size: int = 8,
+    ) -> torch.Tensor:
+        """Pieces of a sound ``[B, C, n]``, in order -> ``[B', D]`` as :meth:`embed`.
+
+        Windows are encoded ``batch_size`` at a time as they fill; ``mean`` keeps a running sum,
+        so memory is a batch of windows whatever the length. ``on_batch(done, total)`` runs
+        before each batch and at the end (``total`` is ``total_windows``, or ``done`` if unknown).
         """
         if mode not in EMBED_MODES:
             raise ClapError(f"Unknown window mode {mode!r}; use one of {', '.join(EMBED_MODES)}.")
-        if waveform.ndim == 2:
-            waveform = waveform.unsqueeze(0)
-        if mode == "first":
-            # Resample only what the first window needs (plus a margin for the filter).
-            keep = int(sample_rate * (WINDOW_SAMPLES / CLAP_SAMPLE_RATE)) + 64
-            waveform = waveform[..., :keep]
-        windows = prepare_windows(waveform, sample_rate)  # [B, N, 480000]
-        b, n = windows.shape[:2]
-        if mode == "first":
-            return self.encode_windows(windows[:, 0], on_batch=on_batch)
-        emb = self.encode_windows(windows.reshape(b * n, -1), on_batch=on_batch)  # [B * N, D]
-        if mode == "per_window":
-            return emb
-        return F.normalize(emb.reshape(b, n, -1).mean(dim=1), dim=-1)
+        windows = stream_windows(pieces, sample_rate, first_only=mode == "first")
+        rows: list[torch.Tensor] = []  # per batch: [B, n, D]
+        running: torch.Tensor | None = None  # mean: the sum so far, [B, D]
+        done = 0
+        batch: list[torch.Tensor] = []
+
+        def flush() -> None:
+            nonlocal running, done
+            if on_batch is not None:
+                on_batch(done, max(total_windows or 0, done))
+            stacked = torch.stack(batch, dim=1)  # [B, n, 480000]
+            b, n = stacked.shape[:2]
+            emb = self._encode_batch(stacked.reshape(b * n, -1)).reshape(b, n, -1).cpu()  # [B, n, D]
+            done += n
+            batch.clear()
+            if mode == "mean":
+                running = emb.sum(1) if running is None else running + emb.sum(1)
+            else:
+                rows.append(emb)
+
+        for window in windows:  # [B, 480000]
+            batch.append(window)
+            if sum(w.shape[0] for w in batch) >= batch_size:
+                flush()
+        if batch:
+            flush()
+        if on_batch is not None:
+            on_batch(done, max(total_windows or 0, done))
+        if mode == "mean":
+            assert running is not None
+            return F.normalize(running / done, dim=-1)
+        emb = torch.cat(rows, dim=1)  # [B, N, D]
+        return emb[:, 0] if mode == "first" else emb.reshape(-1, emb.shape[-1])
+
+
+class ClapTextTower(nn.Module):
+    """CLAP's text side alone: RoBERTa, its projection and the tokenizer. ``N`` strings -> ``[N, D]``.
+
+    What Audio to Prompt (label embeddings) and the text fit need; sound encoding never loads it.
+    """
+
+    def __init__(self, text_model: nn.Module, text_projection: nn.Module, config, tokenizer=None):
+        super().__init__()
+        self.text_model = text_model.eval().requires_grad_(False)
+        self.text_projection = text_projection.eval().requires_grad_(False)
+        self.config = config  # transformers ClapTextConfig
+        self.tokenizer = tokenizer
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config.projection_dim)
+
+    @property
+    def compute_device(self) -> torch.device:
+        return next(self.text_model.parameters()).device
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """``N`` strings -> ``[N, D]`` L2-normalised text embeddings."""
+        if self.tokenizer is None:
+            raise ClapError(
+                "This CLAP model came without a tokenizer, so it cannot encode text (audio works). "
+                "Use the whole transformers folder (with tokenizer.json), or put the tokenizer files "
+                "beside the .pt/.safetensors file."
+            )
+        if isinstance(texts, str):
+            texts = [texts]
+        max_length = min(getattr(self.tokenizer, "model_max_length", 77) or 77, 77)  # laion-clap: 77 tokens
+        tokens = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        out = self.text_model(
+            input_ids=tokens["input_ids"].to(self.compute_device),
+            attention_mask=tokens["attention_mask"].to(self.compute_device),
+        )
+        return F.normalize(self.text_projection(_pooled(out)).float(), dim=-1)
+
+
+class ClapEncoder(nn.Module):
+    """A whole transformers ClapModel with both towers (training, tools, tests).
+
+    The nodes load the towers apart (:class:`ClapTowers`); this keeps one object for code that
+    wants both. :attr:`audio` and :attr:`text` are tower views sharing this model's weights.
+    """
+
+    def __init__(self, model: ClapModel, tokenizer=None, mel: MelConfig | None = None):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.mel = mel or MelConfig()
+        self.fused = bool(model.config.audio_config.enable_fusion)
+        # Views, not submodules: the weights are registered once, under ``model``.
+        object.__setattr__(
+            self, "audio", ClapAudioTower(model.audio_model, model.audio_projection, model.config.audio_config, self.mel)
+        )
+        object.__setattr__(
+            self, "text", ClapTextTower(model.text_model, model.text_projection, model.config.text_config, tokenizer)
+        )
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def compute_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def log_mel(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.audio.log_mel(windows)
+
+    def encode_windows(self, windows: torch.Tensor, batch_size: int = 8,
+                       on_batch: BatchCallback | None = None) -> torch.Tensor:  # fmt: skip
+        return self.audio.encode_windows(windows, batch_size, on_batch)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return self.text.encode_text(texts)
+
+    def embed(self, waveform: torch.Tensor, sample_rate: int, mode: EmbedMode = "first",
+              on_batch: BatchCallback | None = None) -> torch.Tensor:  # fmt: skip
+        return self.audio.embed(waveform, sample_rate, mode, on_batch)
+
+
+def _pooled(output) -> torch.Tensor:
+    """The pooled output of a transformers tower (an output object, or a tuple in 4.x)."""
+    value = getattr(output, "pooler_output", None)
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+        return output[1]
+    raise ClapError(f"Unexpected CLAP output type {type(output).__name__} from transformers.")
 
 
 def _features(output) -> torch.Tensor:
@@ -389,6 +530,130 @@ def build_model(config: ClapConfig, state_dict: Mapping[str, torch.Tensor], sour
             f"missing {_sample(result.missing_keys)}, unexpected {_sample(result.unexpected_keys)}."
         )
     return model.float().eval()
+
+
+# --------------------------------------------------------------------------------------------
+# One tower at a time
+# --------------------------------------------------------------------------------------------
+
+Tower = Literal["audio", "text"]
+_TOWER_PREFIXES: dict[str, tuple[str, ...]] = {
+    "audio": ("audio_model.", "audio_projection."),
+    "text": ("text_model.", "text_projection."),
+}
+
+
+def load_clap_tower(path: str | os.PathLike, tower: Tower) -> ClapAudioTower | ClapTextTower:
+    """One CLAP tower from the same files :func:`load_clap` reads, the other tower's weights never
+    built: ``"audio"`` -> :class:`ClapAudioTower` (what encoding sound needs, ~120 MB float32 for
+    HTSAT-tiny), ``"text"`` -> :class:`ClapTextTower` (label embeddings, the text fit; ~480 MB).
+
+    A safetensors source is read key by key, so only the tower's tensors are ever in memory; a
+    laion ``.pt`` is a pickle and is read whole, converted, and the other tower dropped at once.
+    """
+    if tower not in _TOWER_PREFIXES:
+        raise ClapError(f"Unknown CLAP tower {tower!r}; expected 'audio' or 'text'.")
+    path = os.fspath(path)
+    config, state_dict, mel, tokenizer_dir = _tower_source(path, _TOWER_PREFIXES[tower])
+    if tower == "audio":
+        from transformers import ClapAudioModelWithProjection
+
+        module = _build(ClapAudioModelWithProjection, config.audio_config, state_dict, path)
+        return ClapAudioTower(module.audio_model, module.audio_projection, config.audio_config, mel).float()
+    from transformers import ClapTextModelWithProjection
+
+    module = _build(ClapTextModelWithProjection, config.text_config, state_dict, path)
+    tokenizer = _load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    return ClapTextTower(module.text_model, module.text_projection, config.text_config, tokenizer).float()
+
+
+def _tower_source(path: str, prefixes: tuple[str, ...]) -> tuple[ClapConfig, dict, MelConfig, str | None]:
+    """(config, the tower's tensors, mel settings, folder holding a tokenizer or None)."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ClapError(f"{path!r} has no config.json: not a transformers CLAP folder.")
+        config = ClapConfig.from_pretrained(path)
+        if config.model_type != "clap":
+            raise ClapError(f"{path!r} holds a {config.model_type!r} model, not CLAP.")
+        names = sorted(os.listdir(path))
+        weights = [os.path.join(path, n) for n in names if n.endswith(".safetensors")]
+        state: dict[str, torch.Tensor] = {}
+        if weights:
+            for file in weights:
+                state.update(_read_safetensors(file, prefixes))
+        else:
+            bins = [os.path.join(path, n) for n in names if n.endswith(".bin")]
+            if not bins:
+                raise ClapError(f"{path!r} holds no weights (model.safetensors or pytorch_model.bin).")
+            for file in bins:
+                state.update({k: v for k, v in _torch_load(file).items() if k.startswith(prefixes)})
+        mel = MelConfig()
+        pre = os.path.join(path, "preprocessor_config.json")
+        if os.path.isfile(pre):
+            with open(pre, encoding="utf-8") as f:
+                mel = MelConfig.from_preprocessor_config(json.load(f))
+        return config, state, mel, path
+    if not os.path.isfile(path):
+        raise ClapError(f"CLAP model not found: {path!r}. Put it in ComfyUI's models/clap folder.")
+    side_tokenizer = os.path.dirname(path) if _has_side_tokenizer(path) else None
+    if path.endswith(".safetensors"):
+        state = _read_safetensors(path, prefixes)
+        if state:  # transformers keys
+            return _side_config(path), state, MelConfig(), None
+        from safetensors.torch import load_file
+
+        checkpoint: Mapping = load_file(path)  # laion keys: converted whole
+    elif path.endswith(CHECKPOINT_EXTENSIONS):
+        checkpoint = _torch_load(path)
+    else:
+        raise ClapError(
+            f"Cannot load {os.path.basename(path)!r} as CLAP: expected a folder with config.json, "
+            f"a .safetensors file or a laion-clap .pt/.pth checkpoint."
+        )
+    sd = laion_convert.unwrap_state_dict(checkpoint)
+    del checkpoint
+    if laion_convert.is_laion_state_dict(sd):
+        try:
+            sd, config = laion_convert.convert_laion_checkpoint(sd)
+        except laion_convert.LaionConversionError as err:
+            raise ClapError(f"{os.path.basename(path)!r}: {err}") from None
+        return config, {k: v for k, v in sd.items() if k.startswith(prefixes)}, MelConfig(), side_tokenizer
+    if not any(k.startswith(("audio_model.", "text_model.")) for k in sd):
+        raise ClapError(
+            f"{os.path.basename(path)!r} holds no CLAP weights (neither laion-clap nor transformers keys)."
+        )
+    return _side_config(path), {k: v for k, v in sd.items() if k.startswith(prefixes)}, MelConfig(), None
+
+
+def _read_safetensors(path: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    _check_safetensors(path)
+    with safe_open(path, framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefixes)}
+
+
+def _build(cls, config, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """``cls(config)`` holding exactly ``state_dict``; built on the meta device (no random init)."""
+    with torch.device("meta"):
+        module = cls(config)
+    expected = module.state_dict()
+    name = os.path.basename(source) or "CLAP weights"
+    wrong = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
+             for k, v in state_dict.items() if k in expected and expected[k].shape != v.shape]  # fmt: skip
+    if wrong:
+        raise ClapError(
+            f"{name!r}: weights do not fit its config ({len(wrong)} tensors): {_sample(wrong)}. "
+            "Use the config that came with these weights."
+        )
+    result = module.load_state_dict(dict(state_dict), strict=False, assign=True)
+    if result.missing_keys:
+        raise ClapError(
+            f"{name!r}: {len(result.missing_keys)} weights its config expects are missing from the weights "
+            f"({_sample(result.missing_keys)}): the download is incomplete or the config belongs to another "
+            "CLAP model. Download the whole model again."
+        )
+    return module.float().eval()
 
 
 def _sample(keys: list[str], n: int = 3) -> str:

@@ -37,8 +37,16 @@ log = logging.getLogger(__name__)
 DEFAULT_TEXT_TEMPLATES: tuple[str, ...] = ("the sound of {label}",)
 #: Labels kept per level (foreground, background, ambience), in the spirit of the 5:3:2 prior.
 DEFAULT_COUNTS: tuple[int, int, int] = (3, 2, 1)
-#: Minimum cosine similarity between the audio and a label's text for the label to be used.
+#: ``cosine`` selection: minimum cosine similarity between the audio and a label's text.
 DEFAULT_THRESHOLD = 0.15
+#: How labels are chosen. ``relative`` (default): a label's cosine measured in standard deviations
+#: above the mean over the whole vocabulary for this sound, which reads the same on CLAP models
+#: whose raw cosines span different ranges (unfused, fused, music). ``cosine``: the raw cosine.
+SELECTIONS: tuple[str, ...] = ("relative", "cosine")
+DEFAULT_SELECTION = "relative"
+#: ``relative`` selection: a label is used when it stands this many standard deviations above the
+#: vocabulary's mean similarity for this sound (about the top 2 % of a few hundred labels).
+DEFAULT_MIN_RELATIVE = 2.0
 #: The template placeholders: the whole fragment, or one level's phrases.
 PLACEHOLDERS = ("audio", *LEVELS)
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
@@ -260,7 +268,19 @@ def _write_cached(path: str, embeddings: torch.Tensor, model_key: str, text_key:
 @dataclass(frozen=True)
 class LabelScore:
     label: SoundLabel
-    score: float  # cosine similarity with the audio embedding
+    score: float  # what selection compared with its cut-off: cosine, or relative (std above the mean)
+    cosine: float | None = None  # the raw cosine similarity with the audio embedding
+
+
+def relative_scores(cosines: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` cosines -> how many standard deviations each stands above its row's mean.
+
+    Any positive affine change of a model's cosine range (a model whose cosines are twice as
+    spread, or shifted) leaves these unchanged, so one cut-off suits every CLAP model.
+    """
+    mean = cosines.mean(dim=1, keepdim=True)
+    std = cosines.std(dim=1, keepdim=True).clamp(min=1e-8)
+    return (cosines - mean) / std
 
 
 @dataclass(frozen=True)
@@ -287,15 +307,19 @@ def describe_audio(
     audio_embeds: torch.Tensor,
     bank: LabelBank,
     counts: Sequence[int] | Mapping[str, int] = DEFAULT_COUNTS,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     template: str = "",
     num_candidates: int = 5,
+    selection: str = DEFAULT_SELECTION,
 ) -> list[AudioPrompt]:
     """One :class:`AudioPrompt` per row of ``audio_embeds`` ``[B, D]``.
 
     Args:
         counts: labels kept per level, in ``LEVELS`` order or by level name (0 turns a level off).
-        threshold: a label is used only if its cosine similarity is at least this.
+        threshold: a label is used only if its score is at least this: standard deviations above
+            the vocabulary's mean (``relative``, default :data:`DEFAULT_MIN_RELATIVE`) or cosine
+            similarity (``cosine``, default :data:`DEFAULT_THRESHOLD`).
+        selection: ``relative`` or ``cosine`` (see :data:`SELECTIONS`).
         template: text with ``{audio}`` (and/or ``{foreground}``, ``{background}``,
             ``{ambience}``); see :func:`fill_template`.
         num_candidates: labels per level reported in ``candidates`` (never fewer than the count).
@@ -304,7 +328,12 @@ def describe_audio(
         counts = [counts.get(level, 0) for level in LEVELS]
     if len(counts) != len(LEVELS) or any(c < 0 for c in counts):
         raise ValueError(f"expected {len(LEVELS)} non-negative counts, found {list(counts)}")
-    scores = bank.scores(audio_embeds)  # [B, L]
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
+    if threshold is None:
+        threshold = DEFAULT_MIN_RELATIVE if selection == "relative" else DEFAULT_THRESHOLD
+    cosines = bank.scores(audio_embeds)  # [B, L]
+    scores = relative_scores(cosines) if selection == "relative" else cosines
     level_of_label = torch.tensor(bank.vocabulary.level_indices)  # [L]
 
     # Per level: the top-k labels of every row at once, k = what the previews or the prompt need.
@@ -322,7 +351,7 @@ def describe_audio(
         for index, level in enumerate(LEVELS):
             values, ids = top[level]
             ranked = tuple(
-                LabelScore(bank.vocabulary[i], v)
+                LabelScore(bank.vocabulary[i], v, float(cosines[row, i]))
                 for v, i in zip(values[row].tolist(), ids[row].tolist())
             )
             candidates[level] = ranked
@@ -378,7 +407,8 @@ def fill_template(template: str, audio: str, levels: Mapping[str, str]) -> str:
 
 
 def render_scores(
-    prompts: Sequence[AudioPrompt], threshold: float, max_images: int = 16, width: int = 512
+    prompts: Sequence[AudioPrompt], threshold: float, max_images: int = 16, width: int = 512,
+    score_name: str = "threshold",
 ) -> torch.Tensor:
     """Bar charts of each prompt's best labels per level: ``[min(N, max_images), H, W, 3]`` in 0..1.
 
@@ -409,7 +439,7 @@ def render_scores(
         image = Image.new("RGB", (width, height), (24, 24, 28))
         draw = ImageDraw.Draw(image)
         title = f"window {index + 1} of {len(prompts)}" if len(prompts) > 1 else "CLAP label scores"
-        heading = f"{title}   threshold {threshold:.2f}"
+        heading = f"{title}   {score_name} {threshold:.2f}"
         draw.text((pad, pad), heading, fill=(220, 220, 220), font=font)
         y = pad + head_h
         for level_index, level in enumerate(LEVELS):

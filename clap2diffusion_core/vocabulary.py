@@ -175,3 +175,55 @@ def _load(path: str) -> Vocabulary:
     except (OSError, json.JSONDecodeError) as err:
         raise VocabularyError(f"{path}: cannot read the vocabulary: {err}") from err
     return Vocabulary.from_dict(data, source=path)
+
+
+def parse_label_list(text: str, source: str = "label list") -> Vocabulary:
+    """A user's own labels, one per line: ``level: label`` or ``level: label = phrase``.
+
+    ``level`` is foreground, background or ambience; ``phrase`` (what the prompt gets) defaults to
+    the label. Blank lines and lines starting with ``#`` are skipped. Text starting with ``{`` is
+    read as a vocabulary JSON file instead (see the module docstring).
+    """
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(stripped, object_pairs_hook=_reject_duplicate_keys)
+        except json.JSONDecodeError as err:
+            raise VocabularyError(f"{source}: not valid JSON: {err}") from None
+        return Vocabulary.from_dict(data, source=source)
+    labels: list[SoundLabel] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        level, sep, rest = line.partition(":")
+        level = level.strip().lower()
+        if not sep or level not in LEVELS:
+            raise VocabularyError(
+                f"{source}, line {number}: expected 'level: label' or 'level: label = phrase' with a level "
+                f"of {', '.join(LEVELS)}, found {line!r}"
+            )
+        label, _, phrase = rest.partition("=")
+        label, phrase = label.strip(), phrase.strip() or label.strip()
+        if not label:
+            raise VocabularyError(f"{source}, line {number}: the label after {level!r} is empty")
+        labels.append(SoundLabel(label=label, level=level, phrase=phrase))
+    if not labels:
+        raise VocabularyError(f"{source}: no labels (write one 'level: label' per line)")
+    try:
+        return Vocabulary(tuple(labels))
+    except VocabularyError as err:
+        raise VocabularyError(f"{source}: {err}") from None
+
+
+def load_label_list(path: str | os.PathLike) -> Vocabulary:
+    """A label file: a vocabulary ``.json``, or ``.txt`` lines as :func:`parse_label_list` reads."""
+    path = os.fspath(path)
+    if path.endswith(".json"):
+        return _load(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise VocabularyError(f"{path}: cannot read the label list: {err}") from err
+    return parse_label_list(text, source=os.path.basename(path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import comfy.model_management as mm
 import comfy.utils
@@ -12,10 +12,19 @@ import folder_paths
 import torch
 from comfy.model_patcher import ModelPatcher
 
-from ..clap2diffusion_core.audio import validate_waveform
-from ..clap2diffusion_core.clap import CHECKPOINT_EXTENSIONS, EMBED_MODES, ClapEncoder, load_clap
+from ..clap2diffusion_core.audio import check_waveform, count_windows, stream_audio_file
+from ..clap2diffusion_core.clap import (
+    CHECKPOINT_EXTENSIONS,
+    EMBED_MODES,
+    BatchCallback,
+    ClapAudioTower,
+    ClapEncoder,
+    ClapTextTower,
+    load_clap_tower,
+)
 from . import types
 from .api import io
+from .audio_nodes import LoadAudio, input_audio_files, resolve_input_file
 from .paths import resolve_model_file, validation_message
 
 log = logging.getLogger(__name__)
@@ -61,29 +70,109 @@ def resolve_clap_model(name: str) -> str:
 
 @dataclass
 class ClapModelHandle:
-    """The CLAP_MODEL socket value: the encoder inside a ModelPatcher, so ComfyUI loads and offloads it."""
+    """The CLAP_MODEL socket value: where the model is, and each tower once loaded.
 
-    patcher: ModelPatcher
+    The towers load separately, on first use, each inside its own ModelPatcher so ComfyUI moves
+    and offloads it: the audio tower for the nodes that encode sound, the text tower only for the
+    nodes that need text (Audio to Prompt, the text fit). A graph that only encodes sound never
+    holds the text tower's ~480 MB.
+
+    Text tower for other nodes: ``clap_model.load_text()`` returns a
+    :class:`~clap2diffusion_core.clap.ClapTextTower` on the compute device (``encode_text(texts)``
+    -> ``[N, 512]``); ``clap_model.text_patcher()`` is its ModelPatcher.
+    """
+
     name: str
+    path: str
+    patchers: dict[str, ModelPatcher] = field(default_factory=dict)
 
-    @property
-    def encoder(self) -> ClapEncoder:
-        return self.patcher.model
+    def audio_patcher(self) -> ModelPatcher:
+        return self._patcher("audio")
 
-    def load(self) -> ClapEncoder:
-        """Put the encoder on the compute device (freeing memory if needed) and return it."""
-        mm.load_model_gpu(self.patcher)
-        return self.patcher.model
+    def text_patcher(self) -> ModelPatcher:
+        return self._patcher("text")
+
+    def load_audio(self) -> ClapAudioTower:
+        """The audio tower on the compute device (ComfyUI frees memory for it if needed)."""
+        patcher = self.audio_patcher()
+        mm.load_model_gpu(patcher)
+        return patcher.model
+
+    def load_text(self) -> ClapTextTower:
+        """The text tower on the compute device (ComfyUI frees memory for it if needed)."""
+        patcher = self.text_patcher()
+        mm.load_model_gpu(patcher)
+        return patcher.model
+
+    def _patcher(self, tower: str) -> ModelPatcher:
+        patcher = self.patchers.get(tower)
+        if patcher is None:
+            patcher = self.patchers[tower] = wrap_tower(load_clap_tower(self.path, tower))
+        return patcher
+
+
+def wrap_tower(tower: torch.nn.Module) -> ModelPatcher:
+    load_device = mm.text_encoder_device()
+    offload_device = mm.text_encoder_offload_device()
+    # float32: CLAP is small and its embedding steers the whole image.
+    tower = tower.to(device=offload_device, dtype=torch.float32)
+    return ModelPatcher(tower, load_device=load_device, offload_device=offload_device)
 
 
 def wrap_encoder(encoder: ClapEncoder, name: str) -> ClapModelHandle:
-    load_device = mm.text_encoder_device()
-    offload_device = mm.text_encoder_offload_device()
-    # float32: CLAP is small (about 600 MB) and its embedding steers the whole image.
-    encoder = encoder.to(device=offload_device, dtype=torch.float32)
-    return ClapModelHandle(
-        ModelPatcher(encoder, load_device=load_device, offload_device=offload_device), name
-    )
+    """A CLAP_MODEL around a whole in-memory :class:`ClapEncoder` (both towers at once), for code
+    that built or trained one itself rather than loading it from models/clap."""
+    return ClapModelHandle(name=name, path="", patchers={"audio": wrap_tower(encoder.audio),
+                                                          "text": wrap_tower(encoder.text)})
+
+
+def handle_for(path: str, name: str) -> ClapModelHandle:
+    """A CLAP_MODEL for ``path``; towers load when a node first needs them."""
+    return ClapModelHandle(name=name, path=path)
+
+
+# --------------------------------------------------------------------------------------------
+# The one encode path: every node that turns sound into CLAP embeddings goes through here.
+
+
+def _progress(node: str) -> BatchCallback:
+    """Per batch of windows: Cancel stops the encode there, and the node's progress bar moves."""
+    bar: list[comfy.utils.ProgressBar] = []
+
+    def between_batches(done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        if not bar or bar[0].total != total:
+            bar[:] = [comfy.utils.ProgressBar(total)]
+        bar[0].update_absolute(done, total)
+
+    return between_batches
+
+
+def encode_audio(clap_model: ClapModelHandle, audio: dict, window_mode: str, node: str) -> torch.Tensor:
+    """ComfyUI AUDIO -> ``[B', 512]`` CLAP embeddings (see ``ClapAudioTower.embed``), streamed by
+    windows, with progress and Cancel per batch. The waveform is validated once per sound (a
+    sound Load Audio already checked is not scanned again), its warnings logged once."""
+    waveform, sample_rate = audio["waveform"], int(audio["sample_rate"])
+    warnings, first_time = check_waveform(waveform, sample_rate)  # raises AudioError on unusable audio
+    for warning in warnings if first_time else ():
+        log.warning("%s: %s", node, warning)
+    tower = clap_model.load_audio()
+    embeds = tower.embed(waveform, sample_rate, window_mode, on_batch=_progress(node))
+    return embeds.to(mm.intermediate_device())
+
+
+def encode_audio_file(clap_model: ClapModelHandle, path: str, window_mode: str, max_seconds: float,
+                      node: str) -> torch.Tensor:
+    """A file in the input folder -> ``[1', 512]``, decoded and encoded a batch of windows at a time:
+    memory holds a few windows, not the file (an hour of audio is about 700 MB decoded)."""
+    limit = max_seconds or None
+    if window_mode == "first":  # the first window and the resampler's context: stop reading there
+        limit = min(limit or 11.0, 11.0)
+    sample_rate, samples, pieces = stream_audio_file(path, max_seconds=limit)
+    total = 1 if window_mode == "first" else (count_windows(samples, sample_rate) if samples else None)
+    tower = clap_model.load_audio()
+    embeds = tower.embed_stream(pieces, sample_rate, window_mode, total, on_batch=_progress(node))
+    return embeds.to(mm.intermediate_device())
 
 
 class ClapLoader(io.ComfyNode):
@@ -115,8 +204,8 @@ class ClapLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, clap_name: str) -> io.NodeOutput:
-        encoder = load_clap(resolve_clap_model(clap_name))
-        return io.NodeOutput(wrap_encoder(encoder, clap_name))
+        # Nothing is read yet: each tower loads when a node first needs it.
+        return io.NodeOutput(handle_for(resolve_clap_model(clap_name), clap_name))
 
     @classmethod
     def validate_inputs(cls, clap_name: str) -> bool | str:
@@ -157,21 +246,67 @@ class ClapEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clap_model: ClapModelHandle, audio: dict, window_mode: str = "first") -> io.NodeOutput:
-        waveform, sample_rate = audio["waveform"], int(audio["sample_rate"])
-        for warning in validate_waveform(waveform, sample_rate):  # raises AudioError on unusable audio
-            log.warning("CLAP Encode: %s", warning)
-        encoder = clap_model.load()
-        progress: list[comfy.utils.ProgressBar] = []
-
-        def between_batches(done: int, total: int) -> None:
-            # A long file in mean/per_window mode is many batches: let Cancel stop it between them.
-            mm.throw_exception_if_processing_interrupted()
-            if not progress:
-                progress.append(comfy.utils.ProgressBar(total))
-            progress[0].update_absolute(done, total)
-
-        embeds = encoder.embed(waveform, sample_rate, window_mode, on_batch=between_batches)  # [B', 512]
-        return io.NodeOutput(embeds.to(mm.intermediate_device()))
+        return io.NodeOutput(encode_audio(clap_model, audio, window_mode, "CLAP Encode"))  # [B', 512]
 
 
-NODES: list[type[io.ComfyNode]] = [ClapLoader, ClapEncode]
+class ClapEncodeFile(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="C2D_ClapEncodeFile",
+            display_name="CLAP Encode File (streamed)",
+            category=types.CATEGORY,
+            description="CLAP Encode straight from a file in the input folder, decoding and encoding "
+            "a few windows at a time: an hour-long recording in 'mean' or 'per_window' mode needs "
+            "no more memory than 10 s of it.",
+            inputs=[
+                types.ClapModel.Input("clap_model", tooltip="From CLAP Loader."),
+                io.Combo.Input(
+                    "audio",
+                    options=input_audio_files(),
+                    upload=io.UploadType.audio,
+                    tooltip="A sound or video file in ComfyUI's input folder; use the upload button to add one.",
+                ),
+                io.Combo.Input(
+                    "window_mode",
+                    options=list(EMBED_MODES),
+                    default="mean",
+                    tooltip="'first': the first 10 s; 'mean': the average of every 10 s window; "
+                    "'per_window': one embedding per window (a batch, one image each).",
+                ),
+                io.Float.Input(
+                    "max_seconds",
+                    default=0.0,
+                    min=0.0,
+                    max=86400.0,
+                    step=1.0,
+                    tooltip="Read at most this many seconds from the start (0 = the whole file).",
+                ),
+            ],
+            outputs=[
+                types.ClapEmbeds.Output(
+                    display_name="clap_embeds",
+                    tooltip="L2-normalised CLAP audio embeddings [windows or 1, 512], for Hierarchical "
+                    "Decompose.",
+                )
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clap_model: ClapModelHandle, audio: str, window_mode: str = "mean",
+                max_seconds: float = 0.0) -> io.NodeOutput:  # fmt: skip
+        path = resolve_input_file(audio)
+        return io.NodeOutput(encode_audio_file(clap_model, path, window_mode, max_seconds, "CLAP Encode File"))
+
+    @classmethod
+    def fingerprint_inputs(cls, clap_model=None, audio: str = "", window_mode: str = "mean",
+                           max_seconds: float = 0.0) -> str:  # fmt: skip
+        # Re-run when the file's bytes change, as Load Audio does.
+        return f"{LoadAudio.fingerprint_inputs(audio, max_seconds)}:{window_mode}"
+
+    @classmethod
+    def validate_inputs(cls, audio: str) -> bool | str:
+        return LoadAudio.validate_inputs(audio)
+
+
+NODES: list[type[io.ComfyNode]] = [ClapLoader, ClapEncode, ClapEncodeFile]

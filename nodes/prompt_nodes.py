@@ -7,19 +7,26 @@ import os
 
 import folder_paths
 
-from ..clap2diffusion_core.audio import validate_waveform
 from ..clap2diffusion_core.clap import EMBED_MODES
 from ..clap2diffusion_core.levels import LEVELS
 from ..clap2diffusion_core.prompt import (
     DEFAULT_COUNTS,
+    DEFAULT_MIN_RELATIVE,
     DEFAULT_THRESHOLD,
+    SELECTIONS,
     LabelEmbeddingCache,
     describe_audio,
     render_scores,
 )
+from ..clap2diffusion_core.vocabulary import Vocabulary, load_label_list, parse_label_list
 from . import types
 from .api import io, ui
-from .clap_nodes import ClapModelHandle
+from .audio_nodes import resolve_input_file
+from .clap_nodes import ClapModelHandle, encode_audio
+
+BUILT_IN = "built-in"
+#: Label files Audio to Prompt lists from the input folder.
+LABEL_FILE_SUFFIXES = (".labels.txt", ".labels.json")
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,25 @@ def label_cache() -> LabelEmbeddingCache:
         folder = folder_paths.get_system_user_directory("clap2diffusion")
         _label_cache = LabelEmbeddingCache(os.path.join(folder, "label_embeddings"))
     return _label_cache
+
+
+def label_files() -> list[str]:
+    """``built-in`` and the label lists in the input folder (``*.labels.txt`` / ``*.labels.json``)."""
+    folder = folder_paths.get_input_directory()
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(LABEL_FILE_SUFFIXES))
+    except OSError:
+        names = []
+    return [BUILT_IN, *names]
+
+
+def user_vocabulary(label_file: str, labels: str) -> Vocabulary | None:
+    """The labels the user chose: the ``labels`` text if any, else a file, else None (built-in)."""
+    if labels.strip():
+        return parse_label_list(labels, source="Audio to Prompt 'labels'")
+    if not label_file or label_file == BUILT_IN:
+        return None
+    return load_label_list(resolve_input_file(label_file))
 
 
 _LEVEL_EXAMPLES = {
@@ -94,9 +120,8 @@ class AudioToPrompt(io.ComfyNode):
                     min=-1.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Minimum CLAP similarity (cosine, -1..1) for a label to be used. The "
-                    "preview draws it as a dashed line: raise it to keep only clear matches, "
-                    "lower it if a level comes out empty.",
+                    tooltip="With selection 'cosine': the minimum CLAP similarity (cosine, -1..1) for "
+                    "a label to be used. Ignored with 'relative' (see min_relative).",
                 ),
                 io.String.Input(
                     "template",
@@ -106,6 +131,46 @@ class AudioToPrompt(io.ComfyNode):
                     tooltip="Your prompt with {audio} where the sound's words go ({foreground}, "
                     "{background}, {ambience} place one level). Without a placeholder the "
                     "words are appended; empty gives the words alone.",
+                ),
+                io.Combo.Input(
+                    "selection",
+                    options=list(SELECTIONS),
+                    default="relative",
+                    optional=True,
+                    tooltip="relative: a label is used when it stands out from the whole vocabulary "
+                    "for this sound (min_relative standard deviations above the mean), which works "
+                    "alike on every CLAP model. cosine: the raw similarity against threshold, whose "
+                    "good value differs between models.",
+                ),
+                io.Float.Input(
+                    "min_relative",
+                    default=DEFAULT_MIN_RELATIVE,
+                    min=-5.0,
+                    max=10.0,
+                    step=0.1,
+                    optional=True,
+                    tooltip="With selection 'relative': how many standard deviations above the "
+                    "vocabulary's mean similarity a label must stand. The preview draws it as a "
+                    "dashed line: raise it for only clear matches, lower it if a level is empty.",
+                ),
+                io.Combo.Input(
+                    "label_file",
+                    options=label_files(),
+                    default=BUILT_IN,
+                    optional=True,
+                    tooltip="The labels CLAP chooses from: the pack's built-in list, or your own "
+                    "file in the input folder named *.labels.txt (lines 'foreground: dog bark = "
+                    "a barking dog') or *.labels.json (the pack's vocabulary format).",
+                ),
+                io.String.Input(
+                    "labels",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    placeholder="foreground: thunder\nbackground: rain = heavy rain\nambience: eerie",
+                    tooltip="Your own labels, one per line: 'level: label' or 'level: label = phrase' "
+                    "(level is foreground, background or ambience; the phrase goes into the prompt). "
+                    "When not empty, used instead of label_file.",
                 ),
             ],
             outputs=[
@@ -122,6 +187,15 @@ class AudioToPrompt(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, label_file: str = BUILT_IN) -> bool | str:
+        if label_file and label_file != BUILT_IN:
+            try:
+                resolve_input_file(label_file)
+            except ValueError as err:
+                return str(err).replace("Audio file", "Label file")
+        return True
+
+    @classmethod
     def execute(
         cls,
         clap_model: ClapModelHandle,
@@ -132,18 +206,22 @@ class AudioToPrompt(io.ComfyNode):
         ambience_count: int,
         threshold: float,
         template: str = "",
+        selection: str = "relative",
+        min_relative: float = DEFAULT_MIN_RELATIVE,
+        label_file: str = BUILT_IN,
+        labels: str = "",
     ) -> io.NodeOutput:
-        waveform, sample_rate = audio["waveform"], int(audio["sample_rate"])
-        for warning in validate_waveform(waveform, sample_rate):  # raises AudioError on unusable audio
-            log.warning("Audio to Prompt: %s", warning)
-        encoder = clap_model.load()  # on the compute device, through ComfyUI's model management
-        embeds = encoder.embed(waveform, sample_rate, window_mode)  # [B', 512]
-        bank = label_cache().get(encoder)  # the first use of a CLAP model encodes the labels
+        vocabulary = user_vocabulary(label_file, labels)  # errors before any model work
+        embeds = encode_audio(clap_model, audio, window_mode, "Audio to Prompt")  # [B', 512]
+        # The text tower loads only here, and its label embeddings are cached per model.
+        bank = label_cache().get(clap_model.load_text(), vocabulary)
         counts = (foreground_count, background_count, ambience_count)
-        prompts = describe_audio(embeds, bank, counts, threshold, template)
+        cut = min_relative if selection == "relative" else threshold
+        prompts = describe_audio(embeds, bank, counts, cut, template, selection=selection)
         texts = [p.text for p in prompts]
         # The chart for the canvas, and the words in the history for API clients.
-        preview = ui.PreviewImage(render_scores(prompts, threshold), cls=cls).as_dict()
+        name = "min relative" if selection == "relative" else "threshold"
+        preview = ui.PreviewImage(render_scores(prompts, cut, score_name=name), cls=cls).as_dict()
         return io.NodeOutput(
             texts,
             *([p.levels[level] for p in prompts] for level in LEVELS),

@@ -13,8 +13,16 @@ from clap_support import word_tokenizer
 from safetensors.torch import save_file
 from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
-from clap2diffusion_core.audio import WINDOW_SAMPLES, AudioError
-from clap2diffusion_core.clap import ClapEncoder, ClapError, MelConfig, _features, load_clap
+from clap2diffusion_core.audio import WINDOW_SAMPLES, AudioError, prepare_windows
+from clap2diffusion_core.clap import (
+    ClapEncoder,
+    ClapError,
+    MelConfig,
+    _features,
+    load_clap,
+    load_clap_tower,
+    mel_filters,
+)
 
 WORDS = "<s> <pad> </s> <unk> a the sound of thunder rain dog barking on beach waves".split()
 
@@ -177,11 +185,55 @@ def test_features_accept_transformers_4_tensor_and_5_output_object():
         _features(SimpleNamespace(last_hidden_state=t))
 
 
-def test_encoder_moves_like_a_module(encoder):
-    """ModelPatcher moves the encoder with .to(); the mel front end must follow."""
-    buffers = dict(encoder.named_buffers())
+def test_audio_tower_moves_like_a_module(saved_folder):
+    """ModelPatcher moves the audio tower with .to(); the mel front end must follow."""
+    tower = load_clap_tower(saved_folder, "audio")
+    buffers = dict(tower.named_buffers())
     assert "mel_filters" in buffers and "stft_window" in buffers
-    assert encoder.compute_device == torch.device("cpu") and encoder.dtype == torch.float32
+    assert tower.compute_device == torch.device("cpu") and tower.dtype == torch.float32
+
+
+def todays_embed(model: ClapModel, waveform: torch.Tensor, sample_rate: int, mode: str) -> torch.Tensor:
+    """The encode path before streaming (kept here as the reference): the whole sound resampled
+    and windowed at once, |STFT|^2 mel, ClapModel.get_audio_features on all windows."""
+    windows = prepare_windows(waveform, sample_rate)  # [B, N, 480000]
+    b, n = windows.shape[:2]
+    flat = windows[:, :1].reshape(b, -1) if mode == "first" else windows.reshape(b * n, -1)
+    spec = torch.stft(flat, 1024, 480, window=torch.hann_window(1024), center=True, pad_mode="reflect",
+                      return_complex=True).abs().pow(2)
+    mel = 10 * torch.log10(torch.matmul(spec.transpose(1, 2), mel_filters(MelConfig(), False)).clamp(min=1e-10))
+    with torch.no_grad():
+        out = model.get_audio_features(input_features=mel.unsqueeze(1), is_longer=torch.zeros(len(mel), 1, dtype=torch.bool))
+    emb = torch.nn.functional.normalize(_features(out), dim=-1)
+    if mode == "mean":
+        return torch.nn.functional.normalize(emb.reshape(b, n, -1).mean(1), dim=-1)
+    return emb
+
+
+@pytest.mark.parametrize("mode", ["first", "mean", "per_window"])
+def test_streamed_audio_tower_matches_todays_embeddings_within_1e_4(saved_folder, encoder, mode):
+    """The audio tower alone, streaming 10 s windows from a 2-sound batch of 34 s at 22.05 kHz,
+    gives the embeddings of the whole-sound path within 1e-4."""
+    tower = load_clap_tower(saved_folder, "audio")
+    sound = noise(2, 2, 34 * 22050, seed=12)
+    expected = todays_embed(encoder.model, sound, 22050, mode)
+    got = tower.embed(sound, 22050, mode, batch_size=3)  # batches that straddle the sounds' windows
+    assert got.shape == expected.shape == ((8 if mode == "per_window" else 2), 512)
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_each_tower_loads_alone_and_encodes_like_the_whole_model(saved_folder, encoder):
+    audio = load_clap_tower(saved_folder, "audio")
+    text = load_clap_tower(saved_folder, "text")
+    names = lambda module: {n.split(".")[0] for n, _ in module.named_parameters()}  # noqa: E731
+    assert names(audio) == {"audio_model", "audio_projection"}
+    assert names(text) == {"text_model", "text_projection"}
+    windows = noise(2, WINDOW_SAMPLES, seed=4)
+    assert torch.allclose(audio.encode_windows(windows), encoder.encode_windows(windows), atol=1e-6)
+    assert torch.allclose(text.encode_text(["rain", "a dog barking"]), encoder.encode_text(["rain", "a dog barking"]),
+                          atol=1e-6)
+    with pytest.raises(ClapError, match="tower"):
+        load_clap_tower(saved_folder, "video")
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,10 +361,13 @@ def test_clap_loader_lists_model_folders_and_files(clap_nodes):
 
 def test_clap_loader_and_encode_run_through_model_management(clap_nodes, encoder):
     handle = clap_nodes.ClapLoader.execute("tiny-clap").args[0]
-    assert handle.patcher.model is handle.encoder and handle.name == "tiny-clap"
+    assert handle.name == "tiny-clap" and not handle.patchers  # nothing loaded before a node needs it
 
     audio = {"waveform": noise(2, 2, 3 * 44100, seed=8), "sample_rate": 44100}  # core AUDIO, batch of 2
     embeds = clap_nodes.ClapEncode.execute(handle, audio, "first").args[0]
+    # Encoding sound loaded the audio tower only, inside a ModelPatcher.
+    assert set(handle.patchers) == {"audio"}
+    assert type(handle.audio_patcher().model).__name__ == "ClapAudioTower"
 
     assert embeds.shape == (2, 512) and embeds.device == torch.device("cpu")
     assert torch.allclose(embeds, encoder.embed(audio["waveform"], 44100, "first"), atol=1e-5)
@@ -336,6 +391,6 @@ def test_clap_loader_refuses_names_outside_the_clap_folders(clap_nodes):
 
 
 def test_clap_node_schemas_have_tooltips(clap_nodes):
-    for node in (clap_nodes.ClapLoader, clap_nodes.ClapEncode):
+    for node in (clap_nodes.ClapLoader, clap_nodes.ClapEncode, clap_nodes.ClapEncodeFile):
         schema = node.define_schema()
         assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)

@@ -83,13 +83,13 @@ def encoder() -> ClapEncoder:
 def test_sound_a_is_heard_as_thunder_and_sound_b_as_rain(encoder):
     embeds = encoder.embed(sounds(), RATE, "first")  # [2, 512]
     bank = LabelEmbeddingCache().get(encoder, VOCABULARY)
-    a, b = describe_audio(embeds, bank, counts=(1, 1, 1), threshold=-1.0)
+    a, b = describe_audio(embeds, bank, counts=(1, 1, 1), threshold=-1.0, selection="cosine")
     assert a.selected["foreground"][0].label.label == "thunder"
     assert b.selected["background"][0].label.label == "rain"
     assert a.selected["foreground"][0].score == pytest.approx(1.0, abs=1e-3)
     assert b.selected["background"][0].score == pytest.approx(1.0, abs=1e-3)
     # The threshold keeps only what was built in: each sound names its own label and nothing else.
-    a, b = describe_audio(embeds, bank, counts=(1, 1, 1), threshold=0.99)
+    a, b = describe_audio(embeds, bank, counts=(1, 1, 1), threshold=0.99, selection="cosine")
     assert (a.text, b.text) == ("thunderstorm, lightning", "rain, wet streets")
 
 
@@ -98,7 +98,8 @@ def test_windows_of_a_long_sound_each_get_their_prompt(encoder):
     embeds = encoder.embed(storyboard, RATE, "per_window")
     assert embeds.shape == (3, 512)
     bank = LabelEmbeddingCache().get(encoder, VOCABULARY)
-    prompts = describe_audio(embeds, bank, counts=(1, 1, 0), threshold=0.99, template="a harbour, {audio}")
+    prompts = describe_audio(embeds, bank, counts=(1, 1, 0), threshold=0.99, template="a harbour, {audio}",
+                             selection="cosine")
     assert [p.text for p in prompts] == [
         "a harbour, thunderstorm, lightning",
         "a harbour, rain, wet streets",
@@ -146,7 +147,7 @@ def prompt_nodes(tmp_path, monkeypatch):
 def run_node(nodes, encoder: ClapEncoder, waveform: torch.Tensor, **options):
     handle = comfy_pack.load("nodes.clap_nodes").wrap_encoder(encoder, "known-clap")
     settings = dict(window_mode="first", foreground_count=1, background_count=1, ambience_count=0,
-                    threshold=0.99, template="")
+                    threshold=0.99, template="", selection="cosine")
     return nodes.AudioToPrompt.execute(handle, {"waveform": waveform, "sample_rate": RATE}, **settings | options)
 
 

@@ -64,7 +64,7 @@ def labels(prompt, level: str) -> list[str]:
 
 def test_sound_a_is_named_thunder_and_sound_b_rain_each_in_its_level(clap, bank):
     sound_a, sound_b = clap.sound("thunder"), clap.sound("rain")
-    a, b = describe_audio(torch.stack([sound_a, sound_b]), bank, counts=(1, 1, 1), threshold=0.5)
+    a, b = describe_audio(torch.stack([sound_a, sound_b]), bank, counts=(1, 1, 1), threshold=0.5, selection="cosine")
     assert labels(a, "foreground") == ["thunder"]
     assert labels(b, "background") == ["rain"]
     # Nothing else is close enough: the other levels stay empty.
@@ -76,7 +76,7 @@ def test_sound_a_is_named_thunder_and_sound_b_rain_each_in_its_level(clap, bank)
 
 def test_a_mixed_sound_is_decomposed_into_the_three_levels(clap, bank):
     mix = clap.sound("dog bark", "traffic", "jazz")
-    [prompt] = describe_audio(mix[None], bank, counts=(1, 1, 1), threshold=0.3)
+    [prompt] = describe_audio(mix[None], bank, counts=(1, 1, 1), threshold=0.3, selection="cosine")
     assert prompt.levels == {
         "foreground": "dog barking",
         "background": "traffic, busy road",
@@ -87,7 +87,7 @@ def test_a_mixed_sound_is_decomposed_into_the_three_levels(clap, bank):
 
 def test_labels_come_best_first_and_are_cut_at_the_count(clap, bank):
     mix = 3 * clap.sound("thunder") + 2 * clap.sound("siren") + clap.sound("gunshot")
-    [prompt] = describe_audio(mix[None], bank, counts=(2, 1, 1), threshold=0.1)
+    [prompt] = describe_audio(mix[None], bank, counts=(2, 1, 1), threshold=0.1, selection="cosine")
     assert labels(prompt, "foreground") == ["thunder", "siren"]
     assert [s.label.label for s in prompt.candidates["foreground"][:3]] == [
         "thunder",
@@ -100,18 +100,18 @@ def test_labels_come_best_first_and_are_cut_at_the_count(clap, bank):
 
 def test_the_threshold_drops_labels_that_score_below_it(clap, bank):
     mix = 3 * clap.sound("thunder") + clap.sound("siren")
-    [prompt] = describe_audio(mix[None], bank, counts=(3, 0, 0), threshold=0.0)
+    [prompt] = describe_audio(mix[None], bank, counts=(3, 0, 0), threshold=0.0, selection="cosine")
     thunder, siren = prompt.candidates["foreground"][:2]
     between = (thunder.score + siren.score) / 2
-    [strict] = describe_audio(mix[None], bank, counts=(3, 0, 0), threshold=between)
+    [strict] = describe_audio(mix[None], bank, counts=(3, 0, 0), threshold=between, selection="cosine")
     assert labels(strict, "foreground") == ["thunder"]
-    [none] = describe_audio(mix[None], bank, counts=(3, 0, 0), threshold=thunder.score + 0.01)
+    [none] = describe_audio(mix[None], bank, counts=(3, 0, 0), threshold=thunder.score + 0.01, selection="cosine")
     assert none.text == none.fragment == ""
 
 
 def test_a_count_of_zero_turns_a_level_off(clap, bank):
     mix = clap.sound("thunder", "rain")
-    [prompt] = describe_audio(mix[None], bank, counts={"background": 1}, threshold=0.3)
+    [prompt] = describe_audio(mix[None], bank, counts={"background": 1}, threshold=0.3, selection="cosine")
     assert labels(prompt, "foreground") == []
     assert prompt.text == "rain, wet streets"
 
@@ -120,7 +120,8 @@ def test_a_batch_of_windows_gives_one_prompt_per_window(clap, bank):
     storyboard = ["dog bark", "car engine", "applause", "thunder"]
     windows = torch.stack([clap.sound(label) for label in storyboard])  # [4, 512]
     prompts = describe_audio(
-        windows, bank, counts=(1, 0, 0), threshold=0.5, template="a street, {audio}"
+        windows, bank, counts=(1, 0, 0), threshold=0.5, template="a street, {audio}",
+        selection="cosine",
     )
     assert [p.text for p in prompts] == [
         "a street, dog barking",
@@ -141,7 +142,7 @@ def test_scores_are_cosine_similarities_whatever_the_input_scale(clap, bank):
 
 def test_the_score_preview_is_one_comfy_image_per_window(clap, bank):
     windows = torch.stack([clap.sound("thunder"), clap.sound("rain")])
-    prompts = describe_audio(windows, bank, threshold=0.2)
+    prompts = describe_audio(windows, bank, threshold=0.2, selection="cosine")
     images = render_scores(prompts, threshold=0.2)
     assert images.shape[0] == 2 and images.shape[-1] == 3 and images.dtype == torch.float32
     assert 0 <= images.min() and images.max() <= 1
