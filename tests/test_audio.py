@@ -375,3 +375,66 @@ def test_server_load_audio_feeds_core_save_audio_and_refuses_escapes(comfy, tmp_
     g.set(audio_node, audio="../../etc/passwd")
     with pytest.raises(PromptRejected, match="outside ComfyUI's input folder"):
         comfy.queue(g.prompt())
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming: windows of a long sound, a few at a time
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sr", "seconds"), [(16_000, 37.3), (44_100, 20.5), (48_000, 25.0), (22_050, 3.0),
+                                             (16_000, 20.5), (8_000, 0.3)])
+def test_streamed_windows_equal_the_whole_sound_windows(sr, seconds):
+    """Resampling piece by piece with the filter's context carried over gives the very windows
+    of resampling the whole sound; the tail rule (drop under 1 s after a full window) holds."""
+    sound = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 2, int(sr * seconds))).astype(np.float32)) * 0.3
+    whole = audio.prepare_windows(sound, sr)  # [2, N, 480000]
+    pieces = audio.waveform_pieces(sound, sr, block=77_777)  # pieces that do not line up with windows
+    streamed = torch.stack(list(audio.stream_windows(pieces, sr)), dim=1)
+    assert streamed.shape == whole.shape
+    assert (streamed - whole).abs().max() < 1e-5
+    assert audio.count_windows(sound.shape[-1], sr) == whole.shape[1]
+
+
+def test_streaming_reads_only_what_the_first_window_needs():
+    read = []
+
+    def pieces():
+        for i in range(100):  # 100 s at 16 kHz, in 1 s pieces
+            read.append(i)
+            yield torch.full((1, 1, 16_000), 0.1 * ((i % 7) - 3) / 3)
+
+    [first] = list(audio.stream_windows(pieces(), 16_000, first_only=True))
+    assert first.shape == (1, WINDOW_SAMPLES)
+    assert len(read) <= 12  # 10 s and the resampler's context, not the 100 s
+
+
+def test_a_file_streams_in_pieces_and_gives_the_whole_file_windows(tmp_path):
+    path = tmp_path / "long.flac"
+    data = (np.random.default_rng(5).standard_normal((int(44_100 * 23.4), 2)) * 0.2).astype(np.float32)
+    sf.write(path, data, 44_100)
+    rate, estimate, pieces = audio.stream_audio_file(path, block_seconds=3.0)
+    pieces = list(pieces)
+    assert rate == 44_100 and abs(estimate - data.shape[0]) < 44_100 * 0.05
+    assert max(p.shape[-1] for p in pieces) < 44_100 * 3.2  # never the whole file at once
+    whole, _ = audio.load_audio_file(path)
+    assert torch.equal(torch.cat(pieces, dim=-1)[0], whole)
+    _, _, limited = audio.stream_audio_file(path, max_seconds=5.0)
+    assert sum(p.shape[-1] for p in limited) == 5 * 44_100
+
+
+def test_a_waveform_is_validated_once_per_sound(monkeypatch):
+    calls = []
+    real = audio.validate_waveform
+    monkeypatch.setattr(audio, "validate_waveform", lambda w, sr: calls.append(sr) or real(w, sr))
+    sound = torch.zeros(1, 1, 48_000)  # silent: a warning, reported the first time only
+    warnings, first = audio.check_waveform(sound, 48_000)
+    again, first_again = audio.check_waveform(sound, 48_000)
+    assert warnings == again and "silent" in warnings[0] and (first, first_again) == (True, False)
+    assert len(calls) == 1
+    audio.prepare_windows(sound, 48_000)  # the window step finds it checked too
+    assert len(calls) == 1
+    sound.add_(0.5)  # changed in place: a new sound, checked again
+    audio.check_waveform(sound, 48_000)
+    audio.check_waveform(sound.clone(), 48_000)  # another tensor: checked
+    assert len(calls) == 3

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import ClapModel, RobertaConfig, RobertaModel
 
-from clap2diffusion_core.clap import load_clap
+from clap2diffusion_core.clap import load_clap, load_clap_tower
 from clap2diffusion_core.laion_convert import (
     LaionConversionError,
     convert_laion_checkpoint,
@@ -206,6 +206,16 @@ def test_load_clap_converts_a_laion_pt_on_load(tmp_path, laion_unfused, mel):
     features = encoder.model.get_audio_features(input_features=mel)
     features = features if isinstance(features, torch.Tensor) else features.pooler_output
     assert torch.allclose(F.normalize(features, dim=-1), laion_audio_embedding(clap, mel, False), atol=1e-4)
+
+
+def test_the_audio_tower_alone_loads_from_a_laion_pt_and_matches_laion(tmp_path, laion_unfused, mel):
+    clap = laion_unfused
+    tower = load_clap_tower(save_like_laion(clap, tmp_path / "630k-audioset-best.pt"), "audio")
+
+    assert {name.split(".")[0] for name, _ in tower.named_parameters()} == {"audio_model", "audio_projection"}
+    pooled = tower.audio_model(input_features=mel).pooler_output
+    ours = F.normalize(tower.audio_projection(pooled), dim=-1)
+    assert torch.allclose(ours, laion_audio_embedding(clap, mel, False), atol=1e-4)
 
 
 def test_only_training_heads_and_spectrogram_layers_are_dropped(tmp_path, laion_unfused):
