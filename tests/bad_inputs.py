@@ -177,14 +177,14 @@ def write_flac_bytes_as_wav(path: Path) -> None:
 
 
 def write_long_noise(path: Path, seconds: float, rate: int = 16_000, chunk_seconds: float = 60.0) -> None:
-    """Low-amplitude noise, 16-bit mono, written chunk by chunk (memory stays small)."""
-    rng = np.random.default_rng(7)
-    chunk = int(rate * chunk_seconds)
+    """Low-amplitude noise, 16-bit mono: one ``chunk_seconds`` block of noise written again and
+    again (an hour in about a second; memory stays small). Files of any length share their start."""
+    block = (np.random.default_rng(7).standard_normal(int(rate * chunk_seconds)) * 300).astype(np.int16)
     left = int(rate * seconds)
     with sf.SoundFile(str(path), "w", samplerate=rate, channels=1, subtype="PCM_16", format="WAV") as f:
         while left > 0:
-            n = min(chunk, left)
-            f.write((rng.standard_normal(n) * 300).astype(np.int16))
+            n = min(len(block), left)
+            f.write(block[:n])
             left -= n
 
 

@@ -1,10 +1,32 @@
-"""Small CLAP pieces for in-process tests: a word-level tokenizer over a fixed word list."""
+"""Small CLAP pieces for tests: a word-level tokenizer over a fixed word list, a shrunk CLAP config."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from transformers import PreTrainedTokenizerFast
+from transformers import ClapConfig, PreTrainedTokenizerFast
+
+WORDS = "<s> <pad> </s> <unk> a the sound of thunder rain dog barking on beach waves".split()
+
+
+def small_config(fused: bool = False) -> ClapConfig:
+    """The HTS-AT + RoBERTa architecture, shrunk so a 10 s window encodes in well under a second."""
+    audio = dict(
+        depths=[1, 1, 1, 1],
+        patch_embeds_hidden_size=32,
+        num_attention_heads=[1, 2, 4, 8],
+        hidden_size=256,  # 32 * 2 ** 3: the last Swin stage's width
+        enable_fusion=fused,
+        fusion_type="aff_2d" if fused else None,
+    )
+    text = dict(
+        vocab_size=len(WORDS),
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+    )
+    return ClapConfig(audio_config=audio, text_config=text, projection_dim=512)
 
 
 def word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:

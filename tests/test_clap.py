@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from clap_support import word_tokenizer
+from clap_support import WORDS, small_config, word_tokenizer
 from safetensors.torch import save_file
 from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
@@ -23,28 +23,6 @@ from clap2diffusion_core.clap import (
     load_clap_tower,
     mel_filters,
 )
-
-WORDS = "<s> <pad> </s> <unk> a the sound of thunder rain dog barking on beach waves".split()
-
-
-def small_config(fused: bool = False) -> ClapConfig:
-    """The HTS-AT + RoBERTa architecture, shrunk so a 10 s window encodes in well under a second."""
-    audio = dict(
-        depths=[1, 1, 1, 1],
-        patch_embeds_hidden_size=32,
-        num_attention_heads=[1, 2, 4, 8],
-        hidden_size=256,  # 32 * 2 ** 3: the last Swin stage's width
-        enable_fusion=fused,
-        fusion_type="aff_2d" if fused else None,
-    )
-    text = dict(
-        vocab_size=len(WORDS),
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=128,
-    )
-    return ClapConfig(audio_config=audio, text_config=text, projection_dim=512)
 
 
 @pytest.fixture(scope="module")
