@@ -44,3 +44,11 @@ def word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def narrow_config() -> ClapConfig:
+    """:func:`small_config` with an even narrower HTS-AT (8 channels, one head per stage), for tests
+    that stream hundreds of windows through a real server: the spectrogram front end and the
+    window plumbing are full size, the network is not the point."""
+    audio = dict(depths=[1, 1, 1, 1], patch_embeds_hidden_size=8, num_attention_heads=[1, 1, 1, 1], hidden_size=64)
+    return ClapConfig(audio_config=audio, text_config=small_config().text_config.to_dict(), projection_dim=512)

@@ -120,12 +120,12 @@ def small_clap(comfy_server: ComfyServer) -> Iterator[str]:
     """A shrunk CLAP of the real architecture in models/clap: these tests measure what streaming
     holds in memory and how it stops, not HTS-AT's speed (360 full-size windows take minutes)."""
     import torch
-    from clap_support import small_config
+    from clap_support import narrow_config
     from transformers import ClapModel
 
     folder = comfy_server.base_dir / "models" / "clap" / SMALL_CLAP
     torch.manual_seed(0)
-    ClapModel(small_config()).save_pretrained(folder)
+    ClapModel(narrow_config()).save_pretrained(folder)
     yield SMALL_CLAP
     shutil.rmtree(folder, ignore_errors=True)
 
