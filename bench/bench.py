@@ -669,6 +669,10 @@ def main(argv: list[str] | None = None) -> int:
         results["audio_modules_peak_mem_mb"] = results["memory"]["audio_modules_peak_mem_mb"]
     del setup
     gc.collect()
+    if "c" in args.sections:  # issue 16's CLAP keys: speed vs transformers, audio-only memory, a 1-hour file
+        import clap_bench  # bench/clap_bench.py, beside this file
+
+        results.update(clap_bench.run(tm.build_all().clap_folder, args.clap_reps))
     if "e" in args.sections:
         results["requeue"] = section_requeue(args)
         results["requeue_our_nodes_ms"] = results["requeue"]["requeue_our_nodes_ms"]
