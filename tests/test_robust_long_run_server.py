@@ -152,10 +152,10 @@ def encode_file_graph(clap: str, sound: str, window_mode: str) -> Graph:
 def test_robust_one_hour_file_streams_in_bounded_memory_in_every_mode(
         comfy: ComfyClient, comfy_server: ComfyServer, small_clap: str, streamed_hour: str,
         long_files: list[Path]) -> None:  # fmt: skip
-    warm = comfy_server.input_dir / "robust_30s_stream.wav"
+    warm = comfy_server.input_dir / "robust_100s_stream.wav"
     long_files.append(warm)
-    write_long_noise(warm, seconds=30)
-    for mode in MODES:  # the tower loaded, the allocator warm: what follows is the hour's own cost
+    write_long_noise(warm, seconds=100)  # 10 windows: a full batch of 8 and a partial one
+    for mode in MODES:  # the tower loaded, every batch shape seen once: what follows is the hour's own cost
         comfy.wait(comfy.queue(fresh(encode_file_graph(small_clap, warm.name, mode).prompt())), 300)
     growth, seconds = {}, {}
     for mode in MODES:
