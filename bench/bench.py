@@ -10,6 +10,8 @@ all variants alike. Sections:
   c  CLAP encoding throughput, 10 s clips at batch 1 and 8 (clips/s; mel front end included)
   d  memory the audio modules add (cuda: measured peaks; cpu: bytes of what stays resident)
   e  a re-queued identical graph through a real ComfyUI server: milliseconds spent in our nodes
+  f  CLAP against transformers' own pipeline, the audio tower's memory, a streamed 1-hour file
+     (``bench/clap_bench.py``; minutes on a CPU)
 
 CPU (default): the tiny SD1.5 test UNet at 256 px, 4 euler steps, cfg 7. ``--full``: the full
 SD1.5 UNet architecture (random weights) at 512x512, 20 steps, on cuda in the dtype ComfyUI picks
@@ -586,10 +588,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--forwards", type=int, default=12,
                         help="UNet forwards per variant for the forward-only figure (0: skip)")
     parser.add_argument("--clap-batches", default="1,8", help="CLAP batch sizes (default 1,8)")
+    parser.add_argument("--clap-long-seconds", type=float, default=3600.0,
+                        help="f: length of the generated file streamed per window mode (default 3600)")
     parser.add_argument("--clap-reps", type=int, default=3, help="timed CLAP calls per batch size (default 3)")
     parser.add_argument("--server-size", type=int, default=256, help="image size of the server graph (e)")
     parser.add_argument("--server-steps", type=int, default=4, help="steps of the server graph (e)")
-    parser.add_argument("--sections", default="abcde", help="which of a b c d e to run (default all)")
+    parser.add_argument("--sections", default="abcdef", help="which of a b c d e f to run (default all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's own choice, but 1 when the load average is at "
@@ -669,10 +673,10 @@ def main(argv: list[str] | None = None) -> int:
         results["audio_modules_peak_mem_mb"] = results["memory"]["audio_modules_peak_mem_mb"]
     del setup
     gc.collect()
-    if "c" in args.sections:  # issue 16's CLAP keys: speed vs transformers, audio-only memory, a 1-hour file
+    if "f" in args.sections:  # issue 16's CLAP keys: speed vs transformers, audio-only memory, a 1-hour file
         import clap_bench  # bench/clap_bench.py, beside this file
 
-        results.update(clap_bench.run(tm.build_all().clap_folder, args.clap_reps))
+        results.update(clap_bench.run(tm.build_all().clap_folder, args.clap_reps, args.clap_long_seconds))
     if "e" in args.sections:
         results["requeue"] = section_requeue(args)
         results["requeue_our_nodes_ms"] = results["requeue"]["requeue_our_nodes_ms"]
