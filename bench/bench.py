@@ -17,7 +17,7 @@ CPU (default): the tiny SD1.5 test UNet at 256 px, 4 euler steps, cfg 7. ``--ful
 SD1.5 UNet architecture (random weights) at 512x512, 20 steps, on cuda in the dtype ComfyUI picks
 (fp16). Writes ``bench/results.json`` and prints a table.
 
-    .venv/bin/python bench/bench.py [--full] [--reps 5] [--steps N] [--size PX] [--sections abcde]
+    .venv/bin/python bench/bench.py [--full] [--reps 5] [--steps N] [--size PX] [--sections abcdef]
 
 Built on ``tools/time_model_injection.py`` (the adapter's own timing): its SD1.5 config and module
 loader are imported; its interleaved sampling, process-CPU column, UNet-forward-only times and
@@ -603,7 +603,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.unet = args.unet or ("sd15" if args.full else "tiny")
     args.size = args.size or (512 if args.full else 256)
     args.steps = args.steps or (20 if args.full else 4)
-    args.sections = "".join(sorted(set(args.sections.lower()) & set("abcde")))
+    args.sections = "".join(sorted(set(args.sections.lower()) & set("abcdef")))
     return args
 
 
