@@ -208,4 +208,4 @@ def test_audio_to_prompt_reads_a_label_file_from_the_input_folder(nodes, tmp_pat
     assert "storm.labels.txt" in nodes[0].label_files()
     from_file = run(nodes, 1.0, labels="", label_file="storm.labels.txt")
     assert from_file == run(nodes, 1.0)
-    assert "not in ComfyUI's input folder" in nodes[0].AudioToPrompt.validate_inputs("gone.labels.txt")
+    assert "'gone.labels.txt' not found in ComfyUI's input folder" in nodes[0].AudioToPrompt.validate_inputs("gone.labels.txt")
