@@ -141,7 +141,7 @@ class ClapEncodeFrames(io.ComfyNode):
         waveform, sample_rate = _one_sound(audio, "CLAP Encode Frames")
         num_frames = _num_frames(waveform, sample_rate, fps, frames)
         stride = max(1, round(hop_seconds * fps))
-        encoder = clap_model.load()
+        encoder = clap_model.load_audio()  # the audio tower alone (issue 16)
         progress: list[comfy.utils.ProgressBar] = []
 
         def between_batches(done: int, total: int) -> None:
@@ -329,7 +329,7 @@ class AudioToPromptSchedule(io.ComfyNode):
     ) -> io.NodeOutput:
         if clap_embeds.ndim != 2:
             raise ValueError(f"expected clap_embeds [frames, 512] from CLAP Encode Frames, found {list(clap_embeds.shape)}")
-        bank = label_cache().get(clap_model.load())
+        bank = label_cache().get(clap_model.load_text())  # the text tower, loaded only here
         scores = bank.scores(clap_embeds)  # [F, L]
         counts = (foreground_count, background_count, ambience_count)
         result = prompt_schedule(scores, bank.vocabulary, counts, threshold, margin, min_frames, template)
