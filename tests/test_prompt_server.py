@@ -12,11 +12,12 @@ from tools.comfy_server import ComfyClient, Graph, NodeRef
 
 
 def sound_to_words(g: Graph, sound: str, window_mode: str, template: str = "a beach at dusk, {audio}") -> NodeRef:
-    """Core Load Audio -> CLAP Loader -> Audio to Prompt (threshold -1: every level gets words)."""
+    """Core Load Audio -> CLAP Loader -> Audio to Prompt (cosine threshold -1: every level gets words)."""
     audio = g.node("LoadAudio", audio=sound)
     clap = g.node("C2D_ClapLoader", clap_name=CLAP)
     return g.node("C2D_AudioToPrompt", clap_model=clap.out, audio=audio.out, window_mode=window_mode,
-                  foreground_count=2, background_count=1, ambience_count=1, threshold=-1.0, template=template)
+                  foreground_count=2, background_count=1, ambience_count=1, threshold=-1.0, template=template,
+                  selection="cosine")
 
 
 def test_audio_to_prompt_words_feed_clip_text_encode_and_give_an_image_per_window(comfy: ComfyClient) -> None:
