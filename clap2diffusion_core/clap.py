@@ -66,6 +66,26 @@ class MelConfig:
         )
 
 
+def read_mel_config(folder: str) -> MelConfig:
+    """The mel settings saved in a transformers CLAP folder (laion-clap's values if none).
+
+    Hub folders keep them in ``preprocessor_config.json``; transformers 5's ``save_pretrained`` writes
+    ``processor_config.json`` with the feature extractor nested under ``"feature_extractor"``. Reading
+    only the first would silently give a transformers-5 folder the default mel band (50 Hz, not its own).
+    """
+    for name, nested in (("preprocessor_config.json", False), ("processor_config.json", True)):
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            continue
+        with open(file, encoding="utf-8") as f:
+            cfg = json.load(f)
+        if nested:
+            cfg = cfg.get("feature_extractor")
+        if isinstance(cfg, Mapping):
+            return MelConfig.from_preprocessor_config(cfg)
+    return MelConfig()
+
+
 def mel_filters(cfg: MelConfig, fused: bool) -> torch.Tensor:
     """``[n_fft // 2 + 1, n_mels]`` filter bank, as ClapFeatureExtractor picks it.
 
@@ -415,12 +435,7 @@ def _load_folder(path: str) -> ClapEncoder:
     )
     _check_loading_info(model, info, path)
     model = model.float()
-    mel = MelConfig()
-    pre = os.path.join(path, "preprocessor_config.json")
-    if os.path.isfile(pre):
-        with open(pre, encoding="utf-8") as f:
-            mel = MelConfig.from_preprocessor_config(json.load(f))
-    return ClapEncoder(model, _load_tokenizer(path), mel)
+    return ClapEncoder(model, _load_tokenizer(path), read_mel_config(path))
 
 
 def _check_safetensors(path: str) -> None:
@@ -591,12 +606,7 @@ def _tower_source(path: str, prefixes: tuple[str, ...]) -> tuple[ClapConfig, dic
                 raise ClapError(f"{path!r} holds no weights (model.safetensors or pytorch_model.bin).")
             for file in bins:
                 state.update({k: v for k, v in _torch_load(file).items() if k.startswith(prefixes)})
-        mel = MelConfig()
-        pre = os.path.join(path, "preprocessor_config.json")
-        if os.path.isfile(pre):
-            with open(pre, encoding="utf-8") as f:
-                mel = MelConfig.from_preprocessor_config(json.load(f))
-        return config, state, mel, path
+        return config, state, read_mel_config(path), path
     if not os.path.isfile(path):
         raise ClapError(f"CLAP model not found: {path!r}. Put it in ComfyUI's models/clap folder.")
     side_tokenizer = os.path.dirname(path) if _has_side_tokenizer(path) else None

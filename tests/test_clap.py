@@ -22,6 +22,7 @@ from clap2diffusion_core.clap import (
     load_clap,
     load_clap_tower,
     mel_filters,
+    read_mel_config,
 )
 
 
@@ -58,6 +59,39 @@ def test_log_mel_matches_transformers_feature_extractor(fused, truncation):
 def test_mel_config_reads_preprocessor_config():
     cfg = MelConfig.from_preprocessor_config({"frequency_min": 0, "frequency_max": 8000, "feature_size": 64})
     assert (cfg.f_min, cfg.f_max, cfg.n_mels, cfg.hop_length) == (0.0, 8000.0, 64, 480)
+
+
+@pytest.mark.parametrize(
+    "files, f_min",
+    [
+        ({}, 50.0),  # nothing saved: laion-clap's band
+        ({"preprocessor_config.json": {"frequency_min": 20}}, 20.0),  # hub folders
+        ({"processor_config.json": {"feature_extractor": {"frequency_min": 0}}}, 0.0),  # transformers 5
+        (
+            {
+                "preprocessor_config.json": {"frequency_min": 20},
+                "processor_config.json": {"feature_extractor": {"frequency_min": 0}},
+            },
+            20.0,
+        ),
+    ],
+    ids=["none", "preprocessor_config", "processor_config", "both"],
+)
+def test_mel_settings_are_read_from_either_config_file_a_folder_may_hold(tmp_path, files, f_min):
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    assert read_mel_config(str(tmp_path)).f_min == f_min
+
+
+def test_a_folder_saved_by_transformers_5_keeps_its_own_mel_band(tmp_path, encoder):
+    """save_pretrained of a ClapProcessor writes processor_config.json only: its band must be used."""
+    encoder.model.save_pretrained(tmp_path)
+    encoder.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(
+        json.dumps({"feature_extractor": {"frequency_min": 0, "frequency_max": 14000}})
+    )
+    assert load_clap(tmp_path).mel.f_min == 0.0
+    assert load_clap_tower(tmp_path, "audio").mel.f_min == 0.0
 
 
 # --------------------------------------------------------------------------------------------
