@@ -6,6 +6,8 @@
     train               run one or more stages from YAML configs (under `accelerate launch` for many GPUs)
     eval                caption retrieval of a CLAP2Diffusion file on a cached split
     smoke               everything above on generated data (`make train-smoke`: the random test models); prints JSON
+    fit-text            stage 1 from text alone: captions from the sound vocabulary, a CLAP, an SD1.5
+                        checkpoint -> a stage-1 file (no audio, no images, no data set)
 
 Run under ``accelerate launch [--num_processes N] [--cpu] -m clap2diffusion_core.training ...`` for
 several processes; plain ``python -m`` is one process.
@@ -71,6 +73,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="audio_projector_stage*.safetensors")
     p.add_argument("--cache", required=True)
     p.add_argument("--split", default="val", choices=SPLITS)
+
+    p = sub.add_parser("fit-text", help="stage 1 from text alone (no data set): prints the file written")
+    p.add_argument("--clap", required=True, help="CLAP model with its text tower: transformers folder or laion-clap .pt")
+    p.add_argument("--checkpoint", required=True,
+                   help="single-file SD1.5 checkpoint; the targets come from its CLIP-L text encoder")
+    p.add_argument("--tokenizer", help="CLIP-L tokenizer folder (default: ComfyUI's comfy/sd1_tokenizer)")
+    p.add_argument("--out", required=True,
+                   help="a .safetensors file, or a folder (e.g. ComfyUI/models/clap2diffusion) for the derived name")
+    p.add_argument("--captions", help="extra captions: a text file, one per line (they come first)")
+    p.add_argument("--corpus-size", type=int, default=None, help="captions in all (default 1024)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="corpus and fit seed")
+    p.add_argument("--noise", type=float, default=None, help="gap-bridging noise norm (0: none; default 1.0)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("smoke", help="the smoke run; prints one JSON line last")
     p.add_argument("--out", default="out/train-smoke")
@@ -142,6 +159,56 @@ def _smoke(args: argparse.Namespace) -> int:
     return 0 if figures["ok"] else 1
 
 
+def _fit_text(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..clap import load_clap
+    from .captions import DEFAULT_CORPUS_SIZE, build_corpus, corpus_hash, read_caption_file
+    from .encoders import load_text_encoder
+    from .textfit import Provenance, TextFitConfig, fingerprint, fit_from_captions, save_text_fit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TextFitConfig(seed=args.seed)
+    overrides = {"steps": args.steps, "noise": args.noise}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    extra = read_caption_file(args.captions) if args.captions else []
+    captions = [c.text for c in build_corpus(args.corpus_size or DEFAULT_CORPUS_SIZE, args.seed, extra)]
+    clap = load_clap(args.clap)
+    clip = load_text_encoder(args.checkpoint, args.tokenizer)
+    provenance = Provenance(
+        corpus_sha256=corpus_hash(captions), corpus_size=len(captions),
+        clap_fingerprint=fingerprint(clap.state_dict().items()),
+        text_encoder_fingerprint=fingerprint(clip.model.state_dict().items()),
+        text_encoder="sd15 CLIP-L (single-file checkpoint)", text_fit=config,
+    )
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        out = out / f"{provenance.file_stem('sd15')}.safetensors"
+    bars: dict[str, tqdm] = {}
+    times: dict[str, float] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase not in bars:
+            times[phase] = time.perf_counter()
+            bars[phase] = tqdm(total=total, desc=f"fit-text {phase}", disable=args.no_progress)
+        bars[phase].update(done - bars[phase].n)
+        if done == total:
+            bars[phase].close()
+            times[phase] = time.perf_counter() - times[phase]
+
+    model = fit_from_captions(captions, clap.encode_text, clip.pooled, config, progress)
+    save_text_fit(model, out, provenance)
+    rates = {f"{k}_per_s": round(len(captions) / v, 2) for k, v in times.items() if k != "fit"}
+    print(json.dumps({"file": str(out), "captions": len(captions), "steps": config.steps,
+                      "seconds": {k: round(v, 1) for k, v in times.items()}, **rates}))
+    return 0
+
+
 def _respawn_cpu_processes(argv: list[str]) -> None:
     """Make ``accelerate launch --cpu --num_processes N -m clap2diffusion_core.training ...`` run N
     processes without MPI: accelerate starts one process and leaves the others to ``mpirun``
@@ -193,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         print(make_synthetic_dataset(args.out, args.per_kind, image_size=args.image_size))
         return 0
     try:
-        return {"prepare": _prepare, "train": _train, "eval": _eval, "smoke": _smoke}[args.command](args)
+        return {"prepare": _prepare, "train": _train, "eval": _eval, "smoke": _smoke,
+                "fit-text": _fit_text}[args.command](args)
     finally:
         import torch.distributed
 

@@ -144,6 +144,22 @@ class ClipTextEncoder(nn.Module):
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return hidden, pooled
 
+    @torch.no_grad()
+    def pooled(self, captions: list[str]) -> torch.Tensor:
+        """``[B, 768]``: :meth:`forward`'s pooled alone, run only as far as the longest caption.
+
+        CLIP's text attention is causal, so the states up to each caption's end token do not depend
+        on the padding after it: the same values for a fraction of the 77-token cost.
+        """
+        tokens = self.tokenizer(list(captions), padding="longest", max_length=TEXT_LENGTH,
+                                truncation=True, return_tensors="pt")
+        ids = tokens["input_ids"].to(self.model.device)
+        hidden = self.model(input_ids=ids).last_hidden_state.float()
+        eos = (ids == self.tokenizer.eos_token_id).int().argmax(dim=1)
+        position = torch.arange(ids.shape[1], device=ids.device)
+        mask = ((position[None] >= 1) & (position[None] <= eos[:, None])).float()
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
 
 def load_text_encoder(
     checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None

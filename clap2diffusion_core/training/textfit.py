@@ -1,0 +1,332 @@
+"""Stage 1 from text alone: fit the decomposer + projector on CLAP *text* embeddings of captions.
+
+CLAP puts audio and text in one space, so the stage-1 pair (CLAP embedding of a clip, the text
+encoder's conditioning of its caption) can be made from the caption alone: CLAP's text embedding
+of the caption stands in for the clip's audio embedding. At inference the *audio* embedding is fed
+instead. The two clouds sit apart in a real CLAP (matching pairs have a cosine well below 1, and a
+shared shift separates them, the "modality gap"), so the fit **bridges the gap**:
+
+- **noise injection** (training): every step, each CLAP text embedding is moved by Gaussian noise
+  of norm about ``noise`` and re-normalised, so the projector maps a neighbourhood of each caption,
+  not just its point, to that caption's conditioning (``noise`` 0 switches it off);
+- **caption memory** (inference, optional, :func:`memory_project`): the audio embedding replaced
+  by a softmax-weighted mix of its nearest caption embeddings, which puts it back in the text
+  cloud the projector was fitted on.
+
+The model, the losses (InfoNCE + direction MSE of the pooled tokens against the pooled target)
+and the schedules are stage 1's (:class:`.stages.StageModule`, :func:`.stages.build_model`,
+:class:`.trainer.StreamBatchSampler`, :func:`.schedules.build_lr_scheduler`). The loop is a small
+in-memory one instead of :func:`.trainer.train_stage`: the whole data set is a few thousand
+vectors, there is one process, and the ComfyUI node needs a per-step callback (progress, Cancel).
+
+The file is a normal stage-1 file whose metadata also says how it was made
+(:data:`PROVENANCE_KEYS`): ``training`` = ``text-only``, the corpus hash and size, fingerprints of
+the CLAP and of the text encoder, and the fit settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ..checkpoint import build_metadata, read_metadata
+from ..model import BASE_FAMILIES, CLAP2DiffusionModel
+from .config import LossConfig, ModelOptions, StageConfig
+from .schedules import TemperatureSchedule, build_lr_scheduler
+from .stages import StageModule, build_model, final_model
+from .trainer import StreamBatchSampler, step_generator
+
+#: ``(step, total)``, called after every optimizer step; raise to stop (nothing is written then).
+StepCallback = Callable[[int, int], None]
+TEXT_ONLY = "text-only"
+PROVENANCE_KEYS = (
+    "training", "corpus_sha256", "corpus_size", "clap_fingerprint", "text_encoder_fingerprint",
+    "text_encoder", "text_fit",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFitConfig:
+    """How the projector is fitted. The defaults are the tuned ones (see the README figures)."""
+
+    steps: int = 500
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    #: Norm of the Gaussian noise added to each unit CLAP text embedding per step (0: no bridging).
+    #: 1.0 leaves a caption's noisy copy at cosine ~0.7 to the caption, about the gap between
+    #: matching audio and text in real CLAP models.
+    noise: float = 1.0
+    infonce: float = 1.0
+    infonce_temperature: float = 0.07
+    mse: float = 0.5
+    #: Soft-assignment temperature: held at 2.0 for the first tenth, cosine down to this at the end.
+    final_temperature: float = 0.5
+    #: Overrides of the projector's config (``width``, ``num_layers``...); ``context_dim`` is set
+    #: from the targets.
+    projector: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def bridge_noise(clap: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """``clap [B, D]`` unit vectors moved by Gaussian noise of norm ~``noise``, re-normalised."""
+    if noise <= 0:
+        return clap
+    eps = torch.randn(clap.shape, generator=generator) * (noise / clap.shape[-1] ** 0.5)
+    return F.normalize(clap + eps.to(clap), dim=-1)
+
+
+def memory_project(
+    audio: torch.Tensor, memory: torch.Tensor, temperature: float = 0.05, top_k: int = 8
+) -> torch.Tensor:
+    """``audio [B, D]`` -> ``[B, D]``: the softmax(cos / temperature)-weighted mix of the ``top_k``
+    nearest rows of ``memory [M, D]`` (the corpus's CLAP text embeddings), re-normalised."""
+    memory = F.normalize(memory.float(), dim=-1).to(audio.device)
+    scores = F.normalize(audio.float(), dim=-1) @ memory.T  # [B, M]
+    k = min(top_k, memory.shape[0])
+    top, index = scores.topk(k, dim=-1)
+    weights = torch.softmax(top / temperature, dim=-1)  # [B, k]
+    return F.normalize(torch.einsum("bk,bkd->bd", weights, memory[index]), dim=-1)
+
+
+def base_family_for(context_dim: int) -> str:
+    """``sd15`` (768) / ``sd2`` (1024) / ``sdxl`` (2048); other sizes are refused by name."""
+    for family, dim in BASE_FAMILIES.items():
+        if dim == context_dim:
+            return family
+    raise ValueError(
+        f"targets of width {context_dim}: no base family has that context size "
+        f"(known: {', '.join(f'{k} {v}' for k, v in BASE_FAMILIES.items())})"
+    )
+
+
+def stage_config(config: TextFitConfig, context_dim: int) -> StageConfig:
+    """The stage-1 config the fit trains with (model, losses, seed)."""
+    return StageConfig(
+        stage=1,
+        steps=config.steps,
+        seed=config.seed,
+        output_dir="",
+        temperature=TemperatureSchedule(start=2.0, end=config.final_temperature,
+                                        warmup_steps=config.steps // 10, anneal_steps=config.steps),
+        loss=LossConfig(infonce=config.infonce, infonce_temperature=config.infonce_temperature, mse=config.mse),
+        model=ModelOptions(base_family=base_family_for(context_dim),
+                           projector={**config.projector, "context_dim": context_dim}),
+    )
+
+
+def fit_text(
+    clap_text: torch.Tensor,
+    targets: torch.Tensor,
+    config: TextFitConfig = TextFitConfig(),
+    on_step: StepCallback | None = None,
+    device: torch.device | str = "cpu",
+) -> CLAP2DiffusionModel:
+    """Fit a stage-1 model: ``clap_text [M, 512]`` (CLAP text embeddings of M captions) ->
+    ``targets [M, C]`` (the pooled conditioning of the same captions). Deterministic for a seed
+    on a device. Returns the model (eval mode) with the final soft-assignment temperature."""
+    if clap_text.ndim != 2 or targets.ndim != 2 or clap_text.shape[0] != targets.shape[0]:
+        raise ValueError(f"expected clap_text [M, D] and targets [M, C], got {tuple(clap_text.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if clap_text.shape[0] < 2:
+        raise ValueError(f"the fit needs at least 2 captions, got {clap_text.shape[0]}")
+    # ComfyUI runs nodes under inference mode: train outside it, on ordinary copies of the inputs.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(clap_text.clone(), targets.clone(), config, on_step, device)
+
+
+def _fit(clap_text: torch.Tensor, targets: torch.Tensor, config: TextFitConfig, on_step: StepCallback | None,
+         device: torch.device | str) -> CLAP2DiffusionModel:
+    stage = stage_config(config, targets.shape[-1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the initial weights
+        model = build_model(stage, None)
+    module = StageModule(model, stage).to(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, "cosine", config.warmup_steps, config.steps)
+    clap_text = F.normalize(clap_text.float(), dim=-1)
+    targets = targets.float()
+    m = clap_text.shape[0]
+    batches = iter(StreamBatchSampler(m, min(config.batch_size, m), config.seed))
+    module.train()
+    for step in range(config.steps):
+        index = torch.tensor(next(batches))
+        clap = bridge_noise(clap_text[index], config.noise, step_generator(config.seed, step, 0, 0))
+        batch = {"clap": clap.to(device), "text_pooled": targets[index].to(device), "caption_index": index.to(device)}
+        loss, _, _ = module(batch, stage.temperature(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if on_step is not None:
+            on_step(step + 1, config.steps)
+    return final_model(model.cpu(), stage.temperature(config.steps))
+
+
+@torch.no_grad()
+def pooled_queries(model: CLAP2DiffusionModel, clap: torch.Tensor) -> torch.Tensor:
+    """``clap [B, 512]`` -> ``[B, C]``: the mean audio token, what stage 1 matched to the target."""
+    model = model.eval()
+    return torch.cat([model.projector(model.decomposer(chunk.to(model.device))).mean(dim=1).float().cpu()
+                      for chunk in clap.split(256)])
+
+
+def retrieval_top1(model: CLAP2DiffusionModel, clap: torch.Tensor, targets: torch.Tensor,
+                   truth: torch.Tensor) -> float:
+    """Share of rows of ``clap [B, 512]`` whose pooled tokens are nearest (cosine) to their own
+    caption's target: ``targets [M, C]``, ``truth [B]`` the right caption's row."""
+    scores = F.normalize(pooled_queries(model, clap), dim=-1) @ F.normalize(targets.float(), dim=-1).T
+    return float((scores.argmax(dim=1) == truth).float().mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# from captions to a model
+
+#: ``(phase, done, total)``: phase ``"clap"`` (CLAP text embeddings), ``"targets"`` (the text
+#: encoder's conditioning) or ``"fit"`` (optimizer steps); raise to stop.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def encode_batched(
+    encode: Callable[[list[str]], torch.Tensor],
+    captions: Sequence[str],
+    batch_size: int = 32,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """``encode`` over ``captions`` in batches -> ``[M, ...]`` float32 on the CPU; ``on_batch(done,
+    total)`` after each batch."""
+    out = []
+    for start in range(0, len(captions), batch_size):
+        out.append(encode(list(captions[start:start + batch_size])).float().cpu())
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(captions)), len(captions))
+    return torch.cat(out)
+
+
+def fit_from_captions(
+    captions: Sequence[str],
+    clap_text: Callable[[list[str]], torch.Tensor],
+    targets: Callable[[list[str]], torch.Tensor],
+    config: TextFitConfig = TextFitConfig(),
+    on_progress: ProgressCallback | None = None,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> CLAP2DiffusionModel:
+    """Captions -> a fitted stage-1 model. ``clap_text`` maps captions to CLAP text embeddings
+    ``[n, 512]``, ``targets`` to the pooled conditioning ``[n, C]`` of the target text encoder."""
+    def phase(name: str) -> Callable[[int, int], None] | None:
+        return None if on_progress is None else (lambda done, total: on_progress(name, done, total))
+
+    clap = encode_batched(clap_text, captions, batch_size, phase("clap"))
+    pooled = encode_batched(targets, captions, batch_size, phase("targets"))
+    return fit_text(clap, pooled, config, phase("fit"), device)
+
+
+# ------------------------------------------------------------------------------------------------
+# provenance and the file
+
+
+def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], extra: str = "") -> str:
+    """A model's fingerprint: sha256 over each tensor's name, shape, dtype and a strided sample of up
+    to 1,024 of its values (exact bytes), plus ``extra`` (settings such as a clip skip). Cheap (no
+    forward, no loading onto the GPU), so reusing a fitted file stays well under a second, and a
+    different checkpoint, LoRA or fine-tune changes it."""
+    digest = hashlib.sha256(extra.encode())
+    for name, tensor in named_tensors:
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        sample = flat[::step][:1024].to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tensors_in(value: object, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor inside nested tuples / lists / dicts / objects with a ``weights`` attribute
+    (ComfyUI's LoRA patches), with a path-like name: what :func:`fingerprint` needs from patches."""
+    if depth > 6:
+        return
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            yield from tensors_in(value[key], f"{prefix}.{key}", depth + 1)
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from tensors_in(item, f"{prefix}.{i}", depth + 1)
+    elif hasattr(value, "weights"):
+        yield from tensors_in(value.weights, f"{prefix}.weights", depth + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """How a text-fitted file was made (its metadata, :data:`PROVENANCE_KEYS`)."""
+
+    corpus_sha256: str
+    corpus_size: int
+    clap_fingerprint: str
+    text_encoder_fingerprint: str
+    text_encoder: str  # e.g. "sd15 CLIP-L (comfy SD1ClipModel)"
+    text_fit: TextFitConfig
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "training": TEXT_ONLY,
+            "corpus_sha256": self.corpus_sha256,
+            "corpus_size": str(self.corpus_size),
+            "clap_fingerprint": self.clap_fingerprint,
+            "text_encoder_fingerprint": self.text_encoder_fingerprint,
+            "text_encoder": self.text_encoder,
+            "text_fit": json.dumps(self.text_fit.to_dict(), sort_keys=True),
+        }
+
+    def file_stem(self, family: str) -> str:
+        """``textfit-<family>-<12 hex>``: the same inputs give the same name."""
+        key = json.dumps({"family": family, **self.metadata()}, sort_keys=True)
+        return f"textfit-{family}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def save_text_fit(model: CLAP2DiffusionModel, path: str | os.PathLike, provenance: Provenance) -> Path:
+    """Write ``model`` as a stage-1 file with the provenance in its metadata, atomically: an
+    interrupted write never leaves a file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata=build_metadata(model.config) | provenance.metadata())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, str] | None:
+    """The text-fit metadata of a file, or None for a file not fitted from text."""
+    metadata = read_metadata(path)
+    if metadata.get("training") != TEXT_ONLY:
+        return None
+    return {k: metadata[k] for k in PROVENANCE_KEYS if k in metadata}
+
+
+__all__ = [
+    "PROVENANCE_KEYS", "encode_batched", "fit_from_captions", "Provenance", "TextFitConfig", "base_family_for", "bridge_noise", "fingerprint", "fit_text",
+    "memory_project", "pooled_queries", "read_provenance", "retrieval_top1", "save_text_fit", "tensors_in",
+]
