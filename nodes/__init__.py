@@ -19,6 +19,7 @@ _NODE_MODULES = (
     "token_nodes",
     "prompt_nodes",
     "schedule_nodes",
+    "fit_nodes",
 )
 
 

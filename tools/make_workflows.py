@@ -656,6 +656,36 @@ def sound_to_frames(wf: Workflow) -> None:
              [apply, latent, sampler, decode, save], GROUP_COLORS["sample"])
 
 
+def audio_from_text_fit(wf: Workflow) -> None:
+    """No CLAP2Diffusion file yet: fit one from text (the user's CLAP and checkpoint), then use it."""
+    ckpt = checkpoint(wf, (0, 0))
+    positive, negative = prompts(wf, ckpt["CLIP"], (360, 0))
+    clap = wf.node("C2D_ClapLoader", (0, AUDIO_ROW), (315, 58), clap_name=CLAP)
+    fit = wf.node("C2D_FitAudioProjectorFromText", (0, AUDIO_ROW + 420), (315, 230), clip=ckpt["CLIP"],
+                  clap_model=clap.out, corpus_size=1024, steps=500, seed=0, extra_captions="")
+    chain = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, fit)
+    apply = wf.node("C2D_ApplyAudioToConditioning", (800, 0), (290, 82), conditioning=positive.out,
+                    audio_tokens=chain.project.out, strength=1.0)
+    tail = sample(wf, (1130, 0), ckpt["MODEL"], apply.out, negative.out, ckpt["VAE"], "clap2diffusion_textfit")
+    wf.note(note_text(
+        "Sound + text -> image, with no CLAP2Diffusion file (fit from text)",
+        "Fit Audio Projector (from text) makes a stage-1 CLAP2Diffusion file from your CLAP and this "
+        "checkpoint's text encoder, with no data set: it learns from sound captions (CLAP's text embedding "
+        "of each caption -> the text encoder's conditioning of it) and then gets CLAP's audio embedding. "
+        "The first run fits (minutes on a CPU, seconds on a GPU) and saves the file in "
+        "`models/clap2diffusion/`; later runs with the same inputs load it in under a second.",
+        files_block(None),
+        ["**Fit -> corpus_size / steps / seed**: change any and a new file is fitted (named from the inputs).",
+         "**Fit -> extra_captions**: your own sound captions, one per line, for sounds the vocabulary lacks.",
+         "A text-fitted file knows what CLAP's text tower knows about a sound; it has no adapters, so it "
+         "works with Apply Audio to Conditioning, not Apply Audio to Model.",
+         "**Apply Audio to Conditioning -> strength**: 0 gives exactly the text-only image."]),
+        (-480, -60), (440, 800), "Read me: model files")
+    wf.group("1 · Model and prompt", [ckpt, positive, negative], GROUP_COLORS["model"])
+    wf.group("2 · Fit from text, sound -> audio tokens", [clap, fit, *chain.nodes()], GROUP_COLORS["audio"])
+    wf.group("3 · Add the sound to the prompt, sample", [apply, *tail], GROUP_COLORS["sample"])
+
+
 WORKFLOWS: dict[str, Callable[[Workflow], None]] = {
     "audio_text_to_image": audio_text_to_image,
     "audio_adapter": audio_adapter,
@@ -664,6 +694,7 @@ WORKFLOWS: dict[str, Callable[[Workflow], None]] = {
     "two_sounds": two_sounds,
     "audio_to_prompt": audio_to_prompt,
     "sound_to_frames": sound_to_frames,
+    "audio_from_text_fit": audio_from_text_fit,
 }
 
 

@@ -1,0 +1,161 @@
+"""Fit Audio Projector (from text): a working stage-1 CLAP2Diffusion file from the user's own
+CLAP and text encoder, with no data set (see clap2diffusion_core/training/textfit.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import torch
+
+from ..clap2diffusion_core.checkpoint import load_checkpoint
+from ..clap2diffusion_core.training.captions import (
+    DEFAULT_CORPUS_SIZE,
+    build_corpus,
+    corpus_hash,
+    parse_captions,
+)
+from ..clap2diffusion_core.training.textfit import (
+    Provenance,
+    TextFitConfig,
+    fingerprint,
+    fit_from_captions,
+    save_text_fit,
+    tensors_in,
+)
+from . import types
+from .api import io
+from .clap_nodes import ClapModelHandle
+
+log = logging.getLogger(__name__)
+
+#: ComfyUI text-encoder classes the fit serves: -> (family, what the metadata calls it).
+SUPPORTED_TEXT_ENCODERS = {"SD1ClipModel": ("sd15", "sd15 CLIP-L")}
+END_TOKEN = 49407  # CLIP's <|endoftext|>, which ComfyUI's SD1 tokenizer also pads with
+
+
+class UnsupportedTextEncoder(ValueError):
+    pass
+
+
+def text_encoder_family(clip) -> tuple[str, str]:  # noqa: ANN001 (comfy.sd.CLIP)
+    """``(family, description)`` of a CLIP object, or an error that names what it is."""
+    inner = clip.cond_stage_model
+    name = type(inner).__name__
+    if name in SUPPORTED_TEXT_ENCODERS and getattr(inner, "clip_name", "l") == "l":
+        family, what = SUPPORTED_TEXT_ENCODERS[name]
+        return family, f"{what} (comfy {name})"
+    raise UnsupportedTextEncoder(
+        f"Fit Audio Projector (from text): the CLIP input is a {name} text encoder "
+        f"({type(clip.tokenizer).__name__} tokenizer), which this pack cannot fit for yet. Supported: "
+        "SD1.5 checkpoints (CLIP-L, SD1ClipModel). Load an SD1.5 checkpoint's CLIP, or use a "
+        "CLAP2Diffusion file trained for this model."
+    )
+
+
+def pooled_targets(clip, captions: list[str]) -> torch.Tensor:  # noqa: ANN001
+    """``[n, 768]``: for each caption, the mean of ComfyUI's conditioning over its tokens and end
+    token (the stage-1 target; what ``ClipTextEncoder`` computes on the command-line path). One
+    batched forward: the captions go in as sections of one prompt, which ComfyUI encodes together
+    and concatenates along the tokens."""
+    sections, ends = [], []
+    for caption in captions:
+        tokens = clip.tokenize(caption)
+        first = tokens["l"][0]  # a caption longer than 75 tokens keeps its first 77-token section
+        ids = [t[0] for t in first]
+        ends.append(ids.index(END_TOKEN, 1) if END_TOKEN in ids[1:] else len(ids) - 1)
+        sections.append([(t[0], 1.0) for t in first])
+    cond = clip.encode_from_tokens({"l": sections}).float().cpu()  # [1, 77 * n, C]
+    cond = cond.reshape(len(captions), -1, cond.shape[-1])
+    position = torch.arange(cond.shape[1])
+    mask = ((position[None] >= 1) & (position[None] <= torch.tensor(ends)[:, None])).float()
+    return (cond * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+def clip_fingerprint(clip) -> str:  # noqa: ANN001
+    """The CLIP object's weights, its LoRA patches and its clip skip (what changes its conditioning)."""
+    patches = getattr(clip.patcher, "patches", {})
+    named = [*clip.cond_stage_model.state_dict().items(), *tensors_in(patches, "patches")]
+    strengths = [(key, p[0], p[2]) for key in sorted(patches) for p in patches[key]]  # LoRA strengths
+    return fingerprint(named, extra=f"layer_idx={getattr(clip, 'layer_idx', None)} {strengths}")
+
+
+class FitAudioProjectorFromText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        defaults = TextFitConfig()
+        return io.Schema(
+            node_id="C2D_FitAudioProjectorFromText",
+            display_name="Fit Audio Projector (from text)",
+            category=types.CATEGORY,
+            description="Makes a stage-1 CLAP2Diffusion file from your CLAP and this checkpoint's text encoder, "
+            "with no data set: it learns from sound captions (CLAP's text embedding of each caption -> the "
+            "text encoder's conditioning of it), then CLAP's audio embedding is fed in its place. Saved in "
+            "models/clap2diffusion; the same inputs later load that file instead of fitting again.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder the images are made with (an SD1.5 checkpoint's CLIP)."),
+                types.ClapModel.Input(
+                    "clap_model", tooltip="From CLAP Loader: the CLAP whose audio you will encode (its text tower "
+                    "is used for the fit)."),
+                io.Int.Input("corpus_size", default=DEFAULT_CORPUS_SIZE, min=2, max=20000,
+                             tooltip="Captions to fit on, your own first, then generated from the pack's sound "
+                             "vocabulary (every sound once, then mixtures of an event, a scene and a mood). "
+                             "On a CPU, 1,024 takes a few minutes; on a GPU seconds."),
+                io.Int.Input("steps", default=defaults.steps, min=1, max=20000,
+                             tooltip="Optimizer steps of the fit (batch of 64 captions)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the generated captions and of the fit: same seed, same file."),
+                io.String.Input("extra_captions", default="", multiline=True, optional=True,
+                                tooltip="Your own sound captions, one per line ('#' starts a comment). They "
+                                "come first and count towards corpus_size."),
+            ],
+            outputs=[
+                types.Clap2DiffusionModel.Output(
+                    display_name="clap2diffusion",
+                    tooltip="A stage-1 file for Hierarchical Decompose and Audio Project (Apply Audio to "
+                    "Conditioning); it has no adapters, so not for Apply Audio to Model."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, clap_model: ClapModelHandle, corpus_size: int, steps: int, seed: int,
+                extra_captions: str = "") -> io.NodeOutput:  # noqa: ANN001
+        start = time.perf_counter()
+        family, what = text_encoder_family(clip)
+        captions = [c.text for c in build_corpus(corpus_size, seed, parse_captions(extra_captions or ""))]
+        config = TextFitConfig(steps=steps, seed=seed)
+        provenance = Provenance(
+            corpus_sha256=corpus_hash(captions), corpus_size=len(captions),
+            clap_fingerprint=fingerprint(clap_model.encoder.state_dict().items()),
+            text_encoder_fingerprint=clip_fingerprint(clip),
+            text_encoder=what, text_fit=config,
+        )
+        name = f"{provenance.file_stem(family)}.safetensors"
+        existing = folder_paths.get_full_path("clap2diffusion", name)
+        if existing is not None:
+            model = load_checkpoint(existing, device="cpu")
+            log.info("Fit Audio Projector (from text): reused %s (%.2f s)", name, time.perf_counter() - start)
+            return io.NodeOutput(model)
+
+        bar = comfy.utils.ProgressBar(2 * len(captions) + steps)
+        offsets = {"clap": 0, "targets": len(captions), "fit": 2 * len(captions)}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            mm.throw_exception_if_processing_interrupted()  # Cancel: stops here, nothing is written
+            bar.update_absolute(offsets[phase] + done)
+
+        device = mm.get_torch_device()
+        model = fit_from_captions(captions, clap_model.load().encode_text, lambda texts: pooled_targets(clip, texts),
+                                  config, progress, device=device)
+        path = os.path.join(folder_paths.get_folder_paths("clap2diffusion")[0], name)
+        save_text_fit(model, path, provenance)
+        log.info("Fit Audio Projector (from text): fitted %d captions, %d steps -> %s (%.1f s)",
+                 len(captions), steps, path, time.perf_counter() - start)
+        return io.NodeOutput(load_checkpoint(path, device="cpu"))
+
+
+NODES: list[type[io.ComfyNode]] = [FitAudioProjectorFromText]
