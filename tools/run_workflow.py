@@ -260,6 +260,8 @@ def shrink_for_random_models(prompt: dict[str, dict[str, Any]], size: int = QUIC
             caps = {"width": size, "height": size}
         elif kind in ("KSampler", "KSamplerAdvanced", "BasicScheduler"):
             caps = {"steps": steps}
+        elif kind == "C2D_FitAudioProjectorFromText":  # a few captions and steps: the plumbing, not the fit
+            caps = {"corpus_size": 16, "steps": 10}
         for name, cap in caps.items():
             value = inputs.get(name)
             if isinstance(value, int) and value > cap:
