@@ -13,11 +13,12 @@ shared shift separates them, the "modality gap"), so the fit **bridges the gap**
   by a softmax-weighted mix of its nearest caption embeddings, which puts it back in the text
   cloud the projector was fitted on.
 
-The model, the losses (InfoNCE + direction MSE of the pooled tokens against the pooled target)
-and the schedules are stage 1's (:class:`.stages.StageModule`, :func:`.stages.build_model`,
-:class:`.trainer.StreamBatchSampler`, :func:`.schedules.build_lr_scheduler`). The loop is a small
-in-memory one instead of :func:`.trainer.train_stage`: the whole data set is a few thousand
-vectors, there is one process, and the ComfyUI node needs a per-step callback (progress, Cancel).
+The model, the losses (InfoNCE + direction MSE of the mean audio token against the pooled target,
+:mod:`.losses`), the seeded data order (:mod:`.sampling`) and the temperature schedule are stage 1's.
+The loop is a small in-memory one instead of :func:`.trainer.train_stage`: the whole data set is a
+few thousand vectors, there is one process, the ComfyUI node needs a per-step callback (progress,
+Cancel), and the node may import only what the pack's lean requirements hold (torch, safetensors:
+no accelerate, diffusers or yaml, which the trainer needs).
 
 The file is a normal stage-1 file whose metadata also says how it was made
 (:data:`PROVENANCE_KEYS`): ``training`` = ``text-only``, the corpus hash and size, fingerprints of
@@ -30,6 +31,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -40,11 +42,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..checkpoint import build_metadata, read_metadata
-from ..model import BASE_FAMILIES, CLAP2DiffusionModel
-from .config import LossConfig, ModelOptions, StageConfig
-from .schedules import TemperatureSchedule, build_lr_scheduler
-from .stages import StageModule, build_model, final_model
-from .trainer import StreamBatchSampler, step_generator
+from ..decomposer import DecomposerConfig
+from ..model import BASE_FAMILIES, CLAP2DiffusionModel, ModelConfig
+from ..projector import ProjectorConfig
+from . import losses
+from .sampling import StreamBatchSampler, step_generator
+from .temperature import TemperatureSchedule
 
 #: ``(step, total)``, called after every optimizer step; raise to stop (nothing is written then).
 StepCallback = Callable[[int, int], None]
@@ -114,19 +117,39 @@ def base_family_for(context_dim: int) -> str:
     )
 
 
-def stage_config(config: TextFitConfig, context_dim: int) -> StageConfig:
-    """The stage-1 config the fit trains with (model, losses, seed)."""
-    return StageConfig(
-        stage=1,
-        steps=config.steps,
-        seed=config.seed,
-        output_dir="",
-        temperature=TemperatureSchedule(start=2.0, end=config.final_temperature,
-                                        warmup_steps=config.steps // 10, anneal_steps=config.steps),
-        loss=LossConfig(infonce=config.infonce, infonce_temperature=config.infonce_temperature, mse=config.mse),
-        model=ModelOptions(base_family=base_family_for(context_dim),
-                           projector={**config.projector, "context_dim": context_dim}),
+def temperature_schedule(config: TextFitConfig) -> TemperatureSchedule:
+    return TemperatureSchedule(start=2.0, end=config.final_temperature, warmup_steps=config.steps // 10,
+                               anneal_steps=config.steps)
+
+
+def new_model(config: TextFitConfig, context_dim: int) -> CLAP2DiffusionModel:
+    """A fresh stage-1 model (default decomposer, projector with ``config.projector``), seeded."""
+    model_config = ModelConfig(
+        base_family=base_family_for(context_dim), stage=1, decomposer=DecomposerConfig(),
+        projector=ProjectorConfig.from_dict({**config.projector, "context_dim": context_dim}),
     )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return CLAP2DiffusionModel(model_config)
+
+
+def stage1_loss(model: CLAP2DiffusionModel, clap: torch.Tensor, targets: torch.Tensor, index: torch.Tensor,
+                temperature: float, config: TextFitConfig) -> torch.Tensor:
+    """Stage 1's objective (as ``StageModule`` computes it with ``loss.epsilon == 0``): InfoNCE +
+    direction MSE between the mean audio token and the pooled target."""
+    pooled = model.projector(model.decomposer(clap, temperature)).mean(dim=1)
+    return (config.infonce * losses.info_nce(pooled, targets, config.infonce_temperature, index)
+            + config.mse * losses.direction_mse(pooled, targets))
+
+
+def _cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' ``cosine`` schedule (linear warm-up, half a cosine to 0), in torch alone."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def fit_text(
@@ -151,24 +174,20 @@ def fit_text(
 
 def _fit(clap_text: torch.Tensor, targets: torch.Tensor, config: TextFitConfig, on_step: StepCallback | None,
          device: torch.device | str) -> CLAP2DiffusionModel:
-    stage = stage_config(config, targets.shape[-1])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # the initial weights
-        model = build_model(stage, None)
-    module = StageModule(model, stage).to(device)
-    params = [p for p in module.parameters() if p.requires_grad]
+    model = new_model(config, targets.shape[-1]).to(device).train()
+    params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = build_lr_scheduler(optimizer, "cosine", config.warmup_steps, config.steps)
+    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, config.steps)
+    temperature = temperature_schedule(config)
     clap_text = F.normalize(clap_text.float(), dim=-1)
     targets = targets.float()
     m = clap_text.shape[0]
     batches = iter(StreamBatchSampler(m, min(config.batch_size, m), config.seed))
-    module.train()
     for step in range(config.steps):
         index = torch.tensor(next(batches))
         clap = bridge_noise(clap_text[index], config.noise, step_generator(config.seed, step, 0, 0))
-        batch = {"clap": clap.to(device), "text_pooled": targets[index].to(device), "caption_index": index.to(device)}
-        loss, _, _ = module(batch, stage.temperature(step))
+        loss = stage1_loss(model, clap.to(device), targets[index].to(device), index.to(device),
+                           temperature(step), config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -176,7 +195,11 @@ def _fit(clap_text: torch.Tensor, targets: torch.Tensor, config: TextFitConfig, 
         scheduler.step()
         if on_step is not None:
             on_step(step + 1, config.steps)
-    return final_model(model.cpu(), stage.temperature(config.steps))
+    # The file records the temperature the fit ended at, as stage files do.
+    decomposer = dataclasses.replace(model.config.decomposer, temperature=float(temperature(config.steps)))
+    out = CLAP2DiffusionModel(dataclasses.replace(model.config, decomposer=decomposer))
+    out.load_state_dict(model.state_dict())
+    return out.eval()
 
 
 @torch.no_grad()

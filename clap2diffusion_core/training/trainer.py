@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from ..checkpoint import STAGE_FILE_NAMES, save_checkpoint
 from ..levels import LEVELS
 from .config import StageConfig
 from .features import FeatureCache, FeatureDataset
+from .sampling import StreamBatchSampler, step_generator
 from .schedules import build_lr_scheduler
 from .stages import StageModule, build_model, final_model, load_frozen_unet
 
@@ -62,38 +62,6 @@ class Progress:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step = int(state["step"])
-
-
-class StreamBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """An endless stream of batches: epoch ``e`` is a permutation of the data seeded by
-    ``(seed, e)``; global batch ``g`` is positions ``[g * B * P, (g + 1) * B * P)`` of the stream and
-    process ``p`` takes its ``p``-th slice of ``B``. Starting at global batch ``start`` is O(1), which is
-    how a resumed run picks up exactly where the interrupted one was."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world, self.start = rank, world, start
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        position = (self.start * self.world + self.rank) * self.batch_size
-        epoch, order = -1, None
-        while True:
-            batch = []
-            for p in range(position, position + self.batch_size):
-                if p // self.size != epoch:
-                    epoch = p // self.size
-                    order = self._order(epoch)
-                batch.append(int(order[p % self.size]))
-            yield batch
-            position += self.world * self.batch_size
-
-
-def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """The generator of one micro-batch's randomness (independent of anything run before)."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 257 + rank)
 
 
 def use_cpu() -> bool:
