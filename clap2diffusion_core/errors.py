@@ -61,3 +61,11 @@ class FeatureCacheError(Clap2DiffusionError):
 
 class ManifestError(Clap2DiffusionError):
     """A training manifest that is malformed or names missing files."""
+
+
+class CorpusError(Clap2DiffusionError):
+    """Captions the text fit cannot learn from (fewer than two different ones)."""
+
+
+class TextEncoderError(Clap2DiffusionError):
+    """A text encoder (ComfyUI CLIP object) the text fit cannot serve; the message names it."""

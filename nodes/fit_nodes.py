@@ -13,6 +13,7 @@ import folder_paths
 import torch
 
 from ..clap2diffusion_core.checkpoint import load_checkpoint
+from ..clap2diffusion_core.errors import TextEncoderError
 from ..clap2diffusion_core.training.captions import (
     DEFAULT_CORPUS_SIZE,
     build_corpus,
@@ -38,10 +39,6 @@ SUPPORTED_TEXT_ENCODERS = {"SD1ClipModel": ("sd15", "sd15 CLIP-L")}
 END_TOKEN = 49407  # CLIP's <|endoftext|>, which ComfyUI's SD1 tokenizer also pads with
 
 
-class UnsupportedTextEncoder(ValueError):
-    pass
-
-
 def text_encoder_family(clip) -> tuple[str, str]:  # noqa: ANN001 (comfy.sd.CLIP)
     """``(family, description)`` of a CLIP object, or an error that names what it is."""
     inner = clip.cond_stage_model
@@ -49,7 +46,7 @@ def text_encoder_family(clip) -> tuple[str, str]:  # noqa: ANN001 (comfy.sd.CLIP
     if name in SUPPORTED_TEXT_ENCODERS and getattr(inner, "clip_name", "l") == "l":
         family, what = SUPPORTED_TEXT_ENCODERS[name]
         return family, f"{what} (comfy {name})"
-    raise UnsupportedTextEncoder(
+    raise TextEncoderError(
         f"Fit Audio Projector (from text): the CLIP input is a {name} text encoder "
         f"({type(clip.tokenizer).__name__} tokenizer), which this pack cannot fit for yet. Supported: "
         "SD1.5 checkpoints (CLIP-L, SD1ClipModel). Load an SD1.5 checkpoint's CLIP, or use a "

@@ -119,6 +119,7 @@ def test_textfit_cancel_during_the_fit_leaves_no_file(comfy, comfy_server, clean
 
 def test_textfit_names_a_text_encoder_family_it_cannot_serve():
     fit_nodes = load("nodes.fit_nodes")
+    errors = load("clap2diffusion_core.errors")
 
     class SDXLClipModel:  # what ComfyUI's CLIP object holds for an SDXL checkpoint
         pass
@@ -127,6 +128,6 @@ def test_textfit_names_a_text_encoder_family_it_cannot_serve():
         pass
 
     clip = type("CLIP", (), {"cond_stage_model": SDXLClipModel(), "tokenizer": SDXLTokenizer()})()
-    with pytest.raises(fit_nodes.UnsupportedTextEncoder, match="SDXLClipModel") as err:
+    with pytest.raises(errors.TextEncoderError, match="SDXLClipModel") as err:
         fit_nodes.text_encoder_family(clip)
     assert "SD1.5" in str(err.value)

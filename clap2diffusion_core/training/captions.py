@@ -25,6 +25,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..errors import CorpusError
 from ..vocabulary import Vocabulary, load_vocabulary
 
 #: Captions in a default corpus: all 434 single labels plus 590 scenes. On this CPU the SD1.5
@@ -45,10 +46,6 @@ SCENE_TEMPLATES: tuple[str, ...] = (
     "the sound of {fg} with {bg}",
 )
 AMBIENCE_SUFFIX = "{scene}, {amb}"
-
-
-class CorpusError(ValueError):
-    """Captions the fit cannot use; the message says what to do."""
 
 
 @dataclass(frozen=True)
