@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from ..errors import CorpusError
 from ..vocabulary import Vocabulary, load_vocabulary
 
-#: Captions in a default corpus: all 434 single labels plus 590 scenes. On this CPU the SD1.5
-#: CLIP-L targets of 1,024 captions take a few minutes; see the README for the figures.
+#: Captions in a default corpus: all 434 single labels plus 590 scenes. Their SD1.5 CLIP-L targets
+#: encode in about a minute on 2 CPU cores; the fit steps take most of a fit (README figures).
 DEFAULT_CORPUS_SIZE = 1024
 MIN_CAPTIONS = 2
 
