@@ -22,6 +22,16 @@ def input_audio_files() -> list[str]:
     return sorted(folder_paths.filter_files_content_types(files, ["audio", "video"]))
 
 
+def audio_file_input() -> io.Combo.Input:
+    """The 'audio' file picker with its upload button, listing the sounds in the input folder."""
+    return io.Combo.Input(
+        "audio",
+        options=input_audio_files(),
+        upload=io.UploadType.audio,
+        tooltip="A sound or video file in ComfyUI's input folder; use the upload button to add one.",
+    )
+
+
 class LoadAudio(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -32,12 +42,7 @@ class LoadAudio(io.ComfyNode):
             description="Loads a sound (wav, flac, mp3, ogg, ...) or the audio track of a video from the input "
             "folder. Checks it is usable and plays it back in the node.",
             inputs=[
-                io.Combo.Input(
-                    "audio",
-                    options=input_audio_files(),
-                    upload=io.UploadType.audio,
-                    tooltip="A sound or video file in ComfyUI's input folder; use the upload button to add one.",
-                ),
+                audio_file_input(),
                 io.Float.Input(
                     "max_seconds",
                     default=0.0,

@@ -15,7 +15,6 @@ from comfy.model_patcher import ModelPatcher
 from ..clap2diffusion_core.audio import check_waveform, count_windows, stream_audio_file
 from ..clap2diffusion_core.clap import (
     CHECKPOINT_EXTENSIONS,
-    EMBED_MODES,
     BatchCallback,
     ClapAudioTower,
     ClapEncoder,
@@ -24,7 +23,7 @@ from ..clap2diffusion_core.clap import (
 )
 from . import types
 from .api import io
-from .audio_nodes import LoadAudio, input_audio_files, resolve_input_file
+from .audio_nodes import LoadAudio, audio_file_input, resolve_input_file
 from .paths import resolve_model_file, validation_message
 
 log = logging.getLogger(__name__)
@@ -135,8 +134,9 @@ def handle_for(path: str, name: str) -> ClapModelHandle:
 # The one encode path: every node that turns sound into CLAP embeddings goes through here.
 
 
-def _progress(node: str) -> BatchCallback:
-    """Per batch of windows: Cancel stops the encode there, and the node's progress bar moves."""
+def progress_callback(node: str) -> BatchCallback:
+    """Per batch of windows: Cancel stops the encode there, and the node's progress bar moves.
+    Every node that runs CLAP over windows passes this as its ``on_batch``."""
     bar: list[comfy.utils.ProgressBar] = []
 
     def between_batches(done: int, total: int) -> None:
@@ -157,7 +157,7 @@ def encode_audio(clap_model: ClapModelHandle, audio: dict, window_mode: str, nod
     for warning in warnings if first_time else ():
         log.warning("%s: %s", node, warning)
     tower = clap_model.load_audio()
-    embeds = tower.embed(waveform, sample_rate, window_mode, on_batch=_progress(node))
+    embeds = tower.embed(waveform, sample_rate, window_mode, on_batch=progress_callback(node))
     return embeds.to(mm.intermediate_device())
 
 
@@ -171,7 +171,7 @@ def encode_audio_file(clap_model: ClapModelHandle, path: str, window_mode: str, 
     sample_rate, samples, pieces = stream_audio_file(path, max_seconds=limit)
     total = 1 if window_mode == "first" else (count_windows(samples, sample_rate) if samples else None)
     tower = clap_model.load_audio()
-    embeds = tower.embed_stream(pieces, sample_rate, window_mode, total, on_batch=_progress(node))
+    embeds = tower.embed_stream(pieces, sample_rate, window_mode, total, on_batch=progress_callback(node))
     return embeds.to(mm.intermediate_device())
 
 
@@ -228,9 +228,7 @@ class ClapEncode(io.ComfyNode):
                     tooltip="From Load Audio (CLAP2Diffusion) or core Load Audio; any sample rate and "
                     "channel count.",
                 ),
-                io.Combo.Input(
-                    "window_mode",
-                    options=list(EMBED_MODES),
+                types.window_mode_input(
                     default="first",
                     tooltip="Sounds longer than 10 s: 'first' uses the first 10 s; 'mean' averages every "
                     "10 s window; 'per_window' gives one embedding per window (a batch, one image each).",
@@ -261,15 +259,8 @@ class ClapEncodeFile(io.ComfyNode):
             "no more memory than 10 s of it.",
             inputs=[
                 types.ClapModel.Input("clap_model", tooltip="From CLAP Loader."),
-                io.Combo.Input(
-                    "audio",
-                    options=input_audio_files(),
-                    upload=io.UploadType.audio,
-                    tooltip="A sound or video file in ComfyUI's input folder; use the upload button to add one.",
-                ),
-                io.Combo.Input(
-                    "window_mode",
-                    options=list(EMBED_MODES),
+                audio_file_input(),
+                types.window_mode_input(
                     default="mean",
                     tooltip="'first': the first 10 s; 'mean': the average of every 10 s window; "
                     "'per_window': one embedding per window (a batch, one image each).",

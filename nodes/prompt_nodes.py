@@ -7,7 +7,6 @@ import os
 
 import folder_paths
 
-from ..clap2diffusion_core.clap import EMBED_MODES
 from ..clap2diffusion_core.levels import LEVELS
 from ..clap2diffusion_core.prompt import (
     DEFAULT_COUNTS,
@@ -105,9 +104,7 @@ class AudioToPrompt(io.ComfyNode):
                 io.Audio.Input(
                     "audio", tooltip="From Load Audio (ours or core), any length and sample rate."
                 ),
-                io.Combo.Input(
-                    "window_mode",
-                    options=list(EMBED_MODES),
+                types.window_mode_input(
                     default="mean",
                     tooltip="CLAP hears 10 s at a time. first: the first 10 s. mean: the whole "
                     "sound at once. per_window: one prompt per 10 s window (a storyboard: "

@@ -11,18 +11,17 @@ import dataclasses
 import logging
 
 import comfy.model_management as mm
-import comfy.utils
 import torch
 
 from ..clap2diffusion_core import energy, timeline
-from ..clap2diffusion_core.audio import validate_waveform
+from ..clap2diffusion_core.audio import check_waveform
 from ..clap2diffusion_core.levels import LEVELS
 from ..clap2diffusion_core.prompt import DEFAULT_COUNTS, DEFAULT_THRESHOLD
 from ..clap2diffusion_core.schedule import DEFAULT_MARGIN, DEFAULT_MIN_FRAMES, prompt_schedule
 from ..clap2diffusion_core.timeline_preview import render_timeline
 from . import types
 from .api import io, ui
-from .clap_nodes import ClapModelHandle
+from .clap_nodes import ClapModelHandle, progress_callback
 from .prompt_nodes import label_cache
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,8 @@ _FRAMES_TOOLTIP = "How many frames. 0: as many as the sound lasts at this fps (a
 
 def _one_sound(audio: dict, node: str) -> tuple[torch.Tensor, int]:
     waveform, sample_rate = audio["waveform"], int(audio["sample_rate"])
-    for warning in validate_waveform(waveform, sample_rate):  # raises AudioError on unusable audio
+    warnings, first_time = check_waveform(waveform, sample_rate)  # raises AudioError on unusable audio
+    for warning in warnings if first_time else ():  # one AUDIO feeds several nodes: check it once
         log.warning("%s: %s", node, warning)
     if waveform.ndim == 3 and waveform.shape[0] != 1:
         raise ValueError(
@@ -142,17 +142,9 @@ class ClapEncodeFrames(io.ComfyNode):
         num_frames = _num_frames(waveform, sample_rate, fps, frames)
         stride = max(1, round(hop_seconds * fps))
         encoder = clap_model.load_audio()  # the audio tower alone (issue 16)
-        progress: list[comfy.utils.ProgressBar] = []
-
-        def between_batches(done: int, total: int) -> None:
-            mm.throw_exception_if_processing_interrupted()  # Cancel stops a long track between batches
-            if not progress:
-                progress.append(comfy.utils.ProgressBar(total))
-            progress[0].update_absolute(done, total)
-
         embeds = timeline.encode_frames(
             encoder.encode_windows, waveform, sample_rate, fps, num_frames, window_seconds, stride,
-            batch_size=_BATCH, progress=between_batches,
+            batch_size=_BATCH, progress=progress_callback("CLAP Encode Frames"),
         )[0]  # [F, 512]
         embeds = timeline.smooth_frames(embeds, smoothing_seconds * fps)
         span = max(1, round(window_seconds * fps / 2))  # half a window each side

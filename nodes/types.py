@@ -1,5 +1,6 @@
 """ComfyUI socket types this pack adds, in one place so every node module agrees on the names."""
 
+from ..clap2diffusion_core.clap import EMBED_MODES
 from .api import io
 
 #: A loaded CLAP model (``nodes.clap_nodes.ClapModelHandle``).
@@ -23,3 +24,8 @@ def level_inputs(tooltips: dict[str, str]) -> list[io.Float.Input]:
         io.Float.Input(level, default=1.0, min=0.0, max=4.0, step=0.05, tooltip=tooltips[level])
         for level in ("foreground", "background", "ambience")
     ]
+
+
+def window_mode_input(default: str, tooltip: str) -> io.Combo.Input:
+    """How a sound longer than CLAP's 10 s window is heard: 'first', 'mean' or 'per_window'."""
+    return io.Combo.Input("window_mode", options=list(EMBED_MODES), default=default, tooltip=tooltip)
