@@ -7,7 +7,7 @@ import os
 
 import folder_paths
 
-from ..clap2diffusion_core.audio import load_audio_file, validate_waveform
+from ..clap2diffusion_core.audio import check_waveform, load_audio_file
 from . import types
 from .api import io, ui
 from .paths import file_fingerprint, resolve_input_file, validation_message
@@ -67,11 +67,13 @@ class LoadAudio(io.ComfyNode):
     def execute(cls, audio: str, max_seconds: float = 0.0) -> io.NodeOutput:
         path = resolve_input_file(audio)
         waveform, sample_rate = load_audio_file(path, max_seconds=max_seconds or None)  # [C, T]
-        for warning in validate_waveform(waveform, sample_rate):
+        waveform = waveform.unsqueeze(0)  # [1, C, T], ComfyUI's AUDIO
+        # Checked as the very tensor the encoders receive, so they do not scan it again.
+        for warning in check_waveform(waveform, sample_rate)[0]:
             log.warning("Load Audio (CLAP2Diffusion) %s: %s", audio, warning)
         subfolder, filename = os.path.split(audio)
         preview = ui.SavedAudios([ui.SavedResult(filename, subfolder, io.FolderType.input)])
-        return io.NodeOutput({"waveform": waveform.unsqueeze(0), "sample_rate": sample_rate}, ui=preview)
+        return io.NodeOutput({"waveform": waveform, "sample_rate": sample_rate}, ui=preview)
 
     @classmethod
     def fingerprint_inputs(cls, audio: str, max_seconds: float = 0.0) -> str:

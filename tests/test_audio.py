@@ -311,6 +311,21 @@ def test_load_audio_node_outputs_core_audio_and_a_preview(load_audio_node):
     assert out.ui.as_dict() == {"audio": [{"filename": "rain.flac", "subfolder": "sub", "type": "input"}]}
 
 
+def test_load_audio_node_output_is_not_validated_again_downstream(load_audio_node, monkeypatch):
+    """Load Audio checks the very [1, C, T] tensor it outputs, so CLAP Encode's check is free."""
+    import comfy_pack
+
+    audio_module = comfy_pack.load("clap2diffusion_core.audio")  # the copy the nodes import
+    scans = []
+    real = audio_module.validate_waveform
+    monkeypatch.setattr(audio_module, "validate_waveform", lambda *a: scans.append(1) or real(*a))
+
+    out = load_audio_node.LoadAudio.execute("thunder.wav").args[0]
+    assert len(scans) == 1
+    _, first_time = audio_module.check_waveform(out["waveform"], out["sample_rate"])  # as encode_audio does
+    assert not first_time and len(scans) == 1
+
+
 def test_load_audio_node_max_seconds(load_audio_node):
     out = load_audio_node.LoadAudio.execute("thunder.wav", max_seconds=0.25)
     assert out.args[0]["waveform"].shape == (1, 2, 4000)
