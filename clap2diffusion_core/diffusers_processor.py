@@ -171,7 +171,7 @@ class AudioAdapterHook:
         level_weights: Sequence[float] | torch.Tensor | None = None,
     ) -> Iterator[None]:
         """Bind audio for the forwards inside: ``tokens [B, N, C]`` per latent row, or ``[1, N, C]``
-        for all (rows whose text is dropped for CFG take the silence tokens, ``AudioTokens.uncond``),
+        for all (rows whose text is dropped for CFG take the silence tokens, ``CLAP2DiffusionModel.silence_tokens()``),
         ``token_levels [N]``; ``strength`` and ``level_weights [3]`` as in the ComfyUI node."""
         if self.current is not None:
             raise RuntimeError("audio is already bound to this UNet (nested hook.audio)")
