@@ -239,6 +239,19 @@ def validate_waveform(waveform: torch.Tensor, sample_rate: int) -> list[str]:
 _VALIDATED: dict[int, tuple[weakref.ref, int, int, tuple[str, ...]]] = {}
 
 
+def _version(waveform: torch.Tensor) -> int:
+    """The tensor's in-place edit counter; -1 for an inference tensor, which keeps none.
+
+    ComfyUI runs nodes under ``torch.inference_mode``, so what a node outputs is usually such a
+    tensor. Node outputs are shared through ComfyUI's cache and never edited in place, so identity
+    alone names the sound there.
+    """
+    try:
+        return waveform._version
+    except (AttributeError, RuntimeError):  # RuntimeError: "Inference tensors do not track version counter"
+        return -1
+
+
 def check_waveform(waveform: torch.Tensor, sample_rate: int) -> tuple[list[str], bool]:
     """:func:`validate_waveform`, once per tensor: ``(warnings, first_time)``.
 
@@ -247,7 +260,7 @@ def check_waveform(waveform: torch.Tensor, sample_rate: int) -> tuple[list[str],
     """
     key = id(waveform)
     seen = _VALIDATED.get(key)
-    if (seen is not None and seen[0]() is waveform and seen[1] == getattr(waveform, "_version", 0)
+    if (seen is not None and seen[0]() is waveform and seen[1] == _version(waveform)
             and seen[2] == sample_rate):  # fmt: skip
         return list(seen[3]), False
     warnings = validate_waveform(waveform, sample_rate)
@@ -255,7 +268,7 @@ def check_waveform(waveform: torch.Tensor, sample_rate: int) -> tuple[list[str],
         ref = weakref.ref(waveform, lambda _, key=key: _VALIDATED.pop(key, None))
     except TypeError:  # not weak-referenceable: nothing to remember it by
         return warnings, True
-    _VALIDATED[key] = (ref, getattr(waveform, "_version", 0), sample_rate, tuple(warnings))
+    _VALIDATED[key] = (ref, _version(waveform), sample_rate, tuple(warnings))
     return warnings, True
 
 

@@ -438,6 +438,18 @@ def test_a_file_streams_in_pieces_and_gives_the_whole_file_windows(tmp_path):
     assert sum(p.shape[-1] for p in limited) == 5 * 44_100
 
 
+def test_a_comfyui_node_output_an_inference_tensor_is_checked_once(monkeypatch):
+    """ComfyUI runs nodes under inference mode; such tensors have no version counter to read."""
+    calls = []
+    real = audio.validate_waveform
+    monkeypatch.setattr(audio, "validate_waveform", lambda w, sr: calls.append(sr) or real(w, sr))
+    with torch.inference_mode():
+        sound = torch.rand(1, 1, 48_000) - 0.5
+        assert audio.check_waveform(sound, 48_000) == ([], True)
+        assert audio.check_waveform(sound, 48_000) == ([], False)
+    assert len(calls) == 1
+
+
 def test_a_waveform_is_validated_once_per_sound(monkeypatch):
     calls = []
     real = audio.validate_waveform
