@@ -128,7 +128,8 @@ class FitAudioProjectorFromText(io.ComfyNode):
         config = TextFitConfig(steps=steps, seed=seed)
         provenance = Provenance(
             corpus_sha256=corpus_hash(captions), corpus_size=len(captions),
-            clap_fingerprint=fingerprint(clap_model.encoder.state_dict().items()),
+            # The fit reads CLAP's text tower only, so that tower names the CLAP (the CLI does the same).
+            clap_fingerprint=fingerprint(clap_model.text_patcher().model.state_dict().items()),
             text_encoder_fingerprint=clip_fingerprint(clip),
             text_encoder=what, text_fit=config,
         )
@@ -147,7 +148,7 @@ class FitAudioProjectorFromText(io.ComfyNode):
             bar.update_absolute(offsets[phase] + done)
 
         device = mm.get_torch_device()
-        model = fit_from_captions(captions, clap_model.load().encode_text, lambda texts: pooled_targets(clip, texts),
+        model = fit_from_captions(captions, clap_model.load_text().encode_text, lambda texts: pooled_targets(clip, texts),
                                   config, progress, device=device)
         path = os.path.join(folder_paths.get_folder_paths("clap2diffusion")[0], name)
         save_text_fit(model, path, provenance)

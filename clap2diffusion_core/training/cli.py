@@ -182,7 +182,7 @@ def _fit_text(args: argparse.Namespace) -> int:
     clip = load_text_encoder(args.checkpoint, args.tokenizer)
     provenance = Provenance(
         corpus_sha256=corpus_hash(captions), corpus_size=len(captions),
-        clap_fingerprint=fingerprint(clap.state_dict().items()),
+        clap_fingerprint=fingerprint(clap.text.state_dict().items()),  # the tower the fit reads, as the node
         text_encoder_fingerprint=fingerprint(clip.model.state_dict().items()),
         text_encoder="sd15 CLIP-L (single-file checkpoint)", text_fit=config,
     )
