@@ -1,28 +1,27 @@
 // CLAP2Diffusion frontend glue (ComfyUI frontend 1.x).
 //
-// Load Audio (CLAP2Diffusion) asks for an upload button (`audio_upload`). The frontend's upload
-// widget expects an audio player widget ("audioUI") on the node, but adds that player only to
-// core node types (LoadAudio, SaveAudio, PreviewAudio, ...): without it the node cannot even be
-// created. Give our node the same player, before the upload button, so it plays the chosen file
-// and, after a run, the sound the node loaded.
+// Load Audio (CLAP2Diffusion) and CLAP Encode File ask for an upload button (`audio_upload` on
+// their `audio` combo). The frontend's upload widget expects an audio player widget ("audioUI") on
+// the node, but adds that player only to core node types (LoadAudio, SaveAudio, PreviewAudio, ...):
+// without it the node cannot even be created. Give our nodes the same player, right after the file
+// combo, so it plays the chosen file and, after a run, the sound the node loaded.
 import { app } from "../../scripts/app.js";
 
-const AUDIO_NODES = new Set(["C2D_LoadAudio"]);
+const AUDIO_NODES = new Set(["C2D_LoadAudio", "C2D_ClapEncodeFile"]);
 
 app.registerExtension({
   name: "clap2diffusion.LoadAudioPlayer",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!AUDIO_NODES.has(nodeData?.name)) return;
     const required = nodeData.input?.required;
-    if (!required || "audioUI" in required) return;
-    // Keep the file combo first, then the player, then the upload button (which looks the player
-    // up when it is created), then anything else.
-    const { audio, upload, ...rest } = required;
-    nodeData.input.required = {
-      ...(audio ? { audio } : {}),
-      audioUI: ["AUDIO_UI", {}],
-      ...(upload ? { upload } : {}),
-      ...rest,
-    };
+    if (!required || !("audio" in required) || "audioUI" in required) return;
+    // The player goes right after the file combo (the upload button looks it up when it is
+    // created); every other input keeps its place, so link slots match the server's order.
+    const ordered = {};
+    for (const [name, spec] of Object.entries(required)) {
+      ordered[name] = spec;
+      if (name === "audio") ordered.audioUI = ["AUDIO_UI", {}];
+    }
+    nodeData.input.required = ordered;
   },
 });
