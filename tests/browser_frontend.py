@@ -110,14 +110,21 @@ class Frontend:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, url: str, user_data_dir: Path, timeout: float = 180.0) -> Iterator[Frontend]:
-        """Start chromium (fresh profile), open the frontend and wait until the app is ready."""
+    def open(cls, url: str, user_data_dir: Path, timeout: float = 180.0,
+             playwright: Any = None) -> Iterator[Frontend]:
+        """Start chromium (fresh profile), open the frontend and wait until the app is ready.
+
+        ``playwright``: a running ``sync_playwright()`` to launch from. Playwright's sync API runs
+        one driver per thread, so two frontends open at once (two servers) must share it.
+        """
         from playwright.sync_api import sync_playwright
 
         executable = chromium_path()
         if executable is None:
             raise FileNotFoundError("chromium is not installed (tools/setup.sh installs it: apt-get install chromium)")
-        with sync_playwright() as playwright:
+        with contextlib.ExitStack() as stack:
+            if playwright is None:
+                playwright = stack.enter_context(sync_playwright())
             context = playwright.chromium.launch_persistent_context(
                 str(user_data_dir), executable_path=executable, headless=True, args=CHROMIUM_FLAGS,
                 viewport=VIEWPORT, timeout=timeout * 1000)

@@ -62,13 +62,24 @@ def _skip_reason() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def frontend(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory):
+def playwright_driver():
+    """One Playwright driver for the module: its sync API allows one per thread, and the pinned
+    and the newest frontend are open at the same time."""
     if (reason := _skip_reason()) is not None:
         if os.environ.get("C2D_REQUIRE_BROWSER"):  # CI: a missing browser is a failure
             pytest.fail(reason)
         pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def frontend(playwright_driver, comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory):
     start = time.monotonic()
-    with Frontend.open(comfy_server.url, tmp_path_factory.mktemp("chromium-profile")) as fe:
+    with Frontend.open(comfy_server.url, tmp_path_factory.mktemp("chromium-profile"),
+                       playwright=playwright_driver) as fe:
         _timings["browser start"] = time.monotonic() - start
         yield fe
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -310,7 +321,7 @@ def test_a_missing_sound_is_named_when_the_run_is_refused(
 
 
 @pytest.fixture(scope="module")
-def newest(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory):
+def newest(playwright_driver, comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory):
     """(Frontend, its server): the newest frontend build on a second server with the session's folders."""
     root = newest_frontend_root(REPO_ROOT)
     reason = _skip_reason() or (None if root else "no newest frontend in .cache/frontends (tools/setup.sh unpacks it)")
@@ -321,7 +332,8 @@ def newest(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory):
     server = ComfyServer(comfy_server.base_dir, extra_args=["--front-end-root", str(root)],
                          log_path=comfy_server.base_dir / "server-newest-frontend.log")
     start = time.monotonic()
-    with server, Frontend.open(server.url, tmp_path_factory.mktemp("chromium-newest")) as fe:
+    with server, Frontend.open(server.url, tmp_path_factory.mktemp("chromium-newest"),
+                               playwright=playwright_driver) as fe:
         _timings["newest frontend start"] = time.monotonic() - start
         yield fe, server
 
