@@ -653,17 +653,19 @@ def _build(cls, config, state_dict: Mapping[str, torch.Tensor], source: str) -> 
         module = cls(config)
     expected = module.state_dict()
     name = os.path.basename(source) or "CLAP weights"
+    # Name the config the user can replace: a folder's config.json, else the one given with the file.
+    config_name = "its config.json" if os.path.isdir(source) else "the CLAP config"
     wrong = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
              for k, v in state_dict.items() if k in expected and expected[k].shape != v.shape]  # fmt: skip
     if wrong:
         raise ClapError(
-            f"{name!r}: weights do not fit its config ({len(wrong)} tensors): {_sample(wrong)}. "
-            "Use the config that came with these weights."
+            f"{name!r}: weights do not fit {config_name} ({len(wrong)} tensors): {_sample(wrong)}. "
+            f"Use the {'config.json' if os.path.isdir(source) else 'config'} that came with these weights."
         )
     result = module.load_state_dict(dict(state_dict), strict=False, assign=True)
     if result.missing_keys:
         raise ClapError(
-            f"{name!r}: {len(result.missing_keys)} weights its config expects are missing from the weights "
+            f"{name!r}: {len(result.missing_keys)} weights {config_name} expects are missing from the weights "
             f"({_sample(result.missing_keys)}): the download is incomplete or the config belongs to another "
             "CLAP model. Download the whole model again."
         )

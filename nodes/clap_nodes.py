@@ -204,8 +204,14 @@ class ClapLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, clap_name: str) -> io.NodeOutput:
-        # Nothing is read yet: each tower loads when a node first needs it.
-        return io.NodeOutput(handle_for(resolve_clap_model(clap_name), clap_name))
+        handle = handle_for(resolve_clap_model(clap_name), clap_name)
+        # A broken or mismatched file is named on this node, before anything downstream runs: the
+        # audio tower loads here and stays (every graph that encodes sound needs it); the text tower
+        # is built once to check its weights against the config, then dropped, and loads again only
+        # in the nodes that need text.
+        handle.audio_patcher()
+        load_clap_tower(handle.path, "text")
+        return io.NodeOutput(handle)
 
     @classmethod
     def validate_inputs(cls, clap_name: str) -> bool | str:
