@@ -26,8 +26,11 @@ def resolve_in_folders(name: str, folders: Sequence[str], what: str, where: str,
     inside the folder too.
     """
     outside = FileNameError(f"{what} {name!r} lies outside {where}; it must be a name inside {where}.")
-    if not name or os.path.isabs(name) or os.path.splitdrive(name)[0]:
-        raise outside
+    if not name:
+        raise FileNameError(f"No {what} named; pick one from the list ({where}).")
+    if os.path.isabs(name) or os.path.splitdrive(name)[0]:  # even one that points inside: names only
+        raise FileNameError(f"{what} {name!r} is a full path; it must be a name inside {where}, "
+                            "as the list shows it.")
     if "\x00" in name:  # os.path would only say "embedded null byte"
         raise FileNameError(f"{what} {name!r} contains a NUL character; pick a file from the list.")
     if os.path.normpath(name).replace("\\", "/").split("/")[0] == "..":

@@ -145,14 +145,14 @@ def escapes(comfy_server: ComfyServer) -> Iterator[dict[str, tuple[str, tuple[st
         link.unlink(missing_ok=True)
         link.symlink_to(target)
     yield {
-        "dotdot": ("../robust_outside.wav", ("outside comfyui's input folder", "refusing")),
+        "dotdot": ("../robust_outside.wav", ("outside comfyui's input folder", "must be a name inside")),
         "dotdot_nested": ("robust_sub/../../robust_outside.wav", ("outside comfyui's input folder",)),
-        "absolute_outside": (str(outside), ("must be a name inside the input folder",)),
-        "absolute_inside": (str(inside), ("must be a name inside the input folder",)),
+        "absolute_outside": (str(outside), ("full path", "must be a name inside comfyui's input folder")),
+        "absolute_inside": (str(inside), ("full path", "must be a name inside comfyui's input folder")),
         "symlink_to_file_outside": ("robust_link_out.wav", ("outside comfyui's input folder",)),
         "symlink_to_folder_outside": ("robust_link_dir/robust_outside.wav", ("outside comfyui's input folder",)),
         "nul_byte": ("robust\x00.wav", ("nul", "robust")),
-        "missing": ("robust_never_uploaded.wav", ("not in comfyui's input folder", "upload it first")),
+        "missing": ("robust_never_uploaded.wav", ("not found in comfyui's input folder", "upload it first")),
     }
     for link in links:
         link.unlink(missing_ok=True)
