@@ -44,7 +44,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: must not shadow ComfyUI's `nodes`
 from clap2diffusion_core.unet_configs import TINY_SD15_UNET_CONFIG, unet_kwargs  # noqa: E402
 
-VERSION = "v1"
+VERSION = "v2"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "test-models" / VERSION
 
@@ -377,7 +377,9 @@ def build_clap_folder(target: Path, seed: int = 0) -> None:
     with _seeded(seed + 30):
         model = ClapModel(config).eval()
     # The unfused model takes one random 10 s crop of longer audio, not the fusion mel stack.
-    extractor = ClapFeatureExtractor(truncation="rand_trunc")
+    # The band laion/clap-htsat-unfused's own preprocessor_config names (50 Hz - 14 kHz), which the
+    # loader now reads from the processor_config.json that save_pretrained writes.
+    extractor = ClapFeatureExtractor(truncation="rand_trunc", frequency_min=50, frequency_max=14_000)
     processor = ClapProcessor(feature_extractor=extractor,
                               tokenizer=_train_tokenizer(config.text_config.vocab_size))
 
