@@ -373,7 +373,8 @@ def test_clap_loader_lists_model_folders_and_files(clap_nodes):
 
 def test_clap_loader_and_encode_run_through_model_management(clap_nodes, encoder):
     handle = clap_nodes.ClapLoader.execute("tiny-clap").args[0]
-    assert handle.name == "tiny-clap" and not handle.patchers  # nothing loaded before a node needs it
+    # The loader checks the whole file and keeps the audio tower; the text tower is not kept.
+    assert handle.name == "tiny-clap" and set(handle.patchers) == {"audio"}
 
     audio = {"waveform": noise(2, 2, 3 * 44100, seed=8), "sample_rate": 44100}  # core AUDIO, batch of 2
     embeds = clap_nodes.ClapEncode.execute(handle, audio, "first").args[0]
