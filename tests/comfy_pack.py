@@ -29,3 +29,12 @@ def load(module: str) -> Any:
         package.__path__ = [str(REPO_ROOT)]
         sys.modules[PACK] = package
     return importlib.import_module(f"{PACK}.{module}")
+
+
+def tiny_sd15_model(seed: int = 0) -> Any:
+    """A ComfyUI ModelPatcher of the tiny SD1.5 UNet (random weights), loaded by ComfyUI's own loader."""
+    tm.import_comfy()
+    import comfy.sd
+
+    sd = {f"model.diffusion_model.{k}": v for k, v in tm.tiny_unet(seed).state_dict().items()}
+    return comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)[0]

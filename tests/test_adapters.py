@@ -20,7 +20,6 @@ from clap2diffusion_core.audio_attention import AudioKV, audio_attention, repeat
 from clap2diffusion_core.checkpoint import CheckpointError, load_checkpoint
 from clap2diffusion_core.levels import LEVELS
 from clap2diffusion_core.testing import TINY_SD15_LAYERS, adapter_config, random_checkpoint, random_model
-from tools import test_models as tm
 
 FG, BG, AMB = (LEVELS.index(name) for name in ("foreground", "background", "ambience"))
 
@@ -199,10 +198,7 @@ def comfy_tiny():
     """(nodes.model_patch, a ComfyUI ModelPatcher of the tiny SD15 UNet, a stage-2 model for it)."""
     patch = comfy_pack.load("nodes.model_patch")
     testing = comfy_pack.load("clap2diffusion_core.testing")
-    import comfy.sd
-
-    sd = {f"model.diffusion_model.{k}": v for k, v in tm.tiny_unet(0).state_dict().items()}
-    model = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)[0]
+    model = comfy_pack.tiny_sd15_model(0)
     c2d = testing.random_model(stage=2, layout="tiny", seed=1)
     return patch, model, c2d
 

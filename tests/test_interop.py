@@ -18,8 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tools import test_models as tm
-
 TOLERANCE = 1e-5  # fp32; observed at most 1.4e-6
 
 
@@ -28,11 +26,9 @@ def env():
     """(nodes.model_patch, the stand-in pack, the tiny SD1.5 ModelPatcher, a stage-2 model for it)."""
     patch = comfy_pack.load("nodes.model_patch")
     testing = comfy_pack.load("clap2diffusion_core.testing")
-    import comfy.sd
     import interop_standin
 
-    sd = {f"model.diffusion_model.{k}": v for k, v in tm.tiny_unet(0).state_dict().items()}
-    model = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)[0]
+    model = comfy_pack.tiny_sd15_model(0)
     return patch, interop_standin, model, testing.random_model(stage=2, layout="tiny", seed=1)
 
 
