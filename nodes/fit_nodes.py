@@ -73,10 +73,18 @@ def pooled_targets(clip, captions: list[str]) -> torch.Tensor:  # noqa: ANN001
     return (cond * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
 
+#: CLIP weights the fit's targets never read: CLIP-L's projection (SD1.5 and SDXL take CLIP-L's
+#: hidden states, never its projected pooled output). Checkpoints do not ship it, so ComfyUI leaves
+#: it as uninitialised memory: hashed, it gave the same inputs a new name on every load.
+UNREAD_CLIP_WEIGHTS = frozenset({"clip_l.transformer.text_projection.weight"})
+
+
 def clip_fingerprint(clip) -> str:  # noqa: ANN001
-    """The CLIP object's weights, its LoRA patches and its clip skip (what changes its conditioning)."""
+    """The CLIP object's weights, its LoRA patches and its clip skip (what changes its conditioning).
+    Weights the conditioning never reads (:data:`UNREAD_CLIP_WEIGHTS`) are left out."""
     patches = getattr(clip.patcher, "patches", {})
-    named = [*clip.cond_stage_model.state_dict().items(), *tensors_in(patches, "patches")]
+    weights = [(k, v) for k, v in clip.cond_stage_model.state_dict().items() if k not in UNREAD_CLIP_WEIGHTS]
+    named = [*weights, *tensors_in(patches, "patches")]
     strengths = [(key, p[0], p[2]) for key in sorted(patches) for p in patches[key]]  # LoRA strengths
     return fingerprint(named, extra=f"layer_idx={getattr(clip, 'layer_idx', None)} {strengths}")
 

@@ -57,9 +57,6 @@ def clean_fits(comfy_server):  # noqa: ANN001
         path.unlink()
 
 
-@pytest.mark.xfail(strict=False, reason="known bug, open: in a long server session (the full suite) the same "
-                   "inputs fit again under another name, so an input's fingerprint changes between runs; "
-                   "it passes in a fresh server")
 def test_textfit_workflow_fits_once_then_reuses_the_file(comfy, comfy_server, clean_fits):
     graph = fit_to_image(seed=101)
     first = comfy.execute(uncached(graph.prompt()))
