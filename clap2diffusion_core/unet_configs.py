@@ -43,6 +43,32 @@ TINY_SD15_UNET_CONFIG: Mapping[str, Any] = MappingProxyType({
     "transformer_depth_output": (1, 1),
 })
 
+#: Segmind Vega (ComfyUI's ``supported_models.Segmind_Vega``): the smallest SDXL-family UNet that
+#: ComfyUI 0.3.75 detects (its detector keys on model_channels 320, linear-in-transformer, context
+#: 2048, adm 2816 and the input depths [0, 0, 1, 1, 2, 2]); 3 levels, no middle block, 10
+#: cross-attention layers on 640/1280 channels, 745M parameters. The tests' SDXL checkpoint uses it.
+SEGMIND_VEGA_UNET_CONFIG: Mapping[str, Any] = MappingProxyType({
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": (2, 2, 2),
+    "channel_mult": (1, 2, 4),
+    "transformer_depth": (0, 0, 1, 1, 2, 2),
+    "transformer_depth_output": (0, 0, 0, 1, 1, 1, 2, 2, 2),
+    "transformer_depth_middle": -1,
+    "context_dim": 2048,
+    "adm_in_channels": 2816,
+    "num_classes": "sequential",
+    "num_heads": -1,
+    "num_head_channels": 64,
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": True,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+    "legacy": False,
+})
+
 #: What ``adapters.ldm_unet_layout`` reads of a config.
 LAYOUT_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth", "transformer_depth_output",
                "transformer_depth_middle", "num_heads", "num_head_channels")

@@ -127,3 +127,13 @@ def test_builds_are_deterministic_and_follow_the_seed(tmp_path: Path) -> None:
     assert all(torch.equal(first[k], second[k]) for k in first)
     weights = [k for k in first if k.endswith(".weight") and first[k].numel() > 1]
     assert not any(torch.equal(first[k], other[k]) for k in weights)
+
+
+
+def test_sdxl_checkpoint_is_detected_as_segmind_vega_and_samples() -> None:
+    """The SDXL-family test checkpoint (built on demand, 3.1 GB): ComfyUI's own loader takes it for
+    Segmind Vega with an SDXL CLIP (tokens [1, 77, 2048], pooled [1, 1280]), places every weight
+    (CLIP-G's text projection included) and samples it to a finite, non-flat image."""
+    family, image = tm.verify_sdxl(tm.sdxl_checkpoint(), steps=1, size=SIZE)
+    assert family == "Segmind_Vega"
+    assert image.shape == (1, SIZE, SIZE, 3)

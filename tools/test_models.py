@@ -5,6 +5,10 @@ that have the real architectures and file formats but random weights:
 
 - ``checkpoints/tiny-sd15.safetensors``: a single-file SD1.5 checkpoint that ComfyUI's own
   ``CheckpointLoaderSimple`` detects as SD15 (tiny UNet, TAESD as the VAE, a full CLIP-L).
+- ``checkpoints/vega-sdxl-random.safetensors``: a single-file SDXL-family checkpoint that
+  ``CheckpointLoaderSimple`` detects as ``Segmind_Vega`` (the full Vega UNet, 745M parameters, no
+  tiny SDXL is detected), TAESD as the VAE, a full CLIP-L and CLIP-G; 3.1 GB in fp16, so it is
+  built only on demand (``sdxl_checkpoint()``, ``--print sdxl_checkpoint``), not by ``build_all``.
 - ``controlnet/tiny-sd15-controlnet.safetensors``: a ``control_model.``-prefixed ControlNet for it.
 - ``loras/tiny-sd15-lora.safetensors``: a kohya-style LoRA on the UNet attention projections.
 - ``clap/tiny-clap-htsat-unfused/``: a transformers ``ClapModel`` folder (HTSAT-tiny + RoBERTa)
@@ -42,7 +46,7 @@ import torch
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: must not shadow ComfyUI's `nodes`
-from clap2diffusion_core.unet_configs import TINY_SD15_UNET_CONFIG, unet_kwargs  # noqa: E402
+from clap2diffusion_core.unet_configs import SEGMIND_VEGA_UNET_CONFIG, TINY_SD15_UNET_CONFIG, unet_kwargs  # noqa: E402
 
 VERSION = "v2"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +61,8 @@ LORA = "loras/tiny-sd15-lora.safetensors"
 CLAP_FOLDER = "clap/tiny-clap-htsat-unfused"
 CLAP2DIFFUSION = "clap2diffusion/tiny-clap2diffusion-stage1.safetensors"
 CLAP2DIFFUSION_ADAPTER = "clap2diffusion/tiny-clap2diffusion-stage3.safetensors"
+# Not part of build_all (3.1 GB, about a minute to build): sdxl_checkpoint() builds it on demand.
+SDXL_CHECKPOINT = "checkpoints/vega-sdxl-random.safetensors"
 SOUNDS_DIR = "sounds"
 
 # The tiny SD1.5 UNet (clap2diffusion_core/unet_configs.py): SD1.5 on a single level.
@@ -225,37 +231,107 @@ def tiny_unet(seed: int = 0) -> torch.nn.Module:
 
 def sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """The full single-file checkpoint state dict (fp16), in the original SD key layout."""
-    import_comfy()
-    from comfy.taesd.taesd import TAESD
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     sd: dict[str, torch.Tensor] = {}
     for key, value in tiny_unet(seed).state_dict().items():
         sd[f"model.diffusion_model.{key}"] = value
 
-    # TAESD as the VAE: ComfyUI's VAE class recognises `taesd_decoder.*` (2.45M parameters
-    # instead of the 84M of the full SD VAE, whose config ComfyUI fixes).
+    for key, value in _random_taesd(seed + 1).items():
+        sd[f"first_stage_model.{key}"] = value
+    for key, value in _random_clip_l(seed + 2).items():
+        sd[f"cond_stage_model.transformer.{key}"] = value
+    return {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def _random_taesd(seed: int) -> dict[str, torch.Tensor]:
+    """TAESD as the VAE: ComfyUI's VAE class recognises ``taesd_decoder.*`` (2.45M parameters
+    instead of the 84M of the full SD VAE, whose config ComfyUI fixes)."""
+    import_comfy()
+    from comfy.taesd.taesd import TAESD
+
     taesd = TAESD(latent_channels=4)
-    _randomize(taesd, seed + 1)
+    _randomize(taesd, seed)
     with torch.no_grad():  # identity latent scaling, as in TAESD's own files
         taesd.vae_scale.fill_(1.0)
         taesd.vae_shift.fill_(0.0)
-    for key, value in taesd.state_dict().items():
-        sd[f"first_stage_model.{key}"] = value
+    return taesd.state_dict()
 
-    # CLIP-L is fixed by the SD15 model type: a full random one, ComfyUI's own config.
+
+def _random_clip_l(seed: int) -> dict[str, torch.Tensor]:
+    """A full random CLIP-L (ComfyUI's own config, fixed by the SD15 and SDXL model types), keys
+    ``text_model.*`` as in the original checkpoints."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     config = CLIPTextConfig(**json.loads((comfyui_path() / "comfy" / "sd1_clip_config.json").read_text()))
-    with _seeded(seed + 2):
+    with _seeded(seed):
         clip = CLIPTextModel(config)
-    for key, value in clip.state_dict().items():
-        # transformers 4.x nests the weights under `text_model.`, 5.x does not.
-        key = key.removeprefix("text_model.")
-        sd[f"cond_stage_model.transformer.text_model.{key}"] = value
-    return {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    # transformers 4.x nests the weights under `text_model.`, 5.x does not.
+    return {f"text_model.{k.removeprefix('text_model.')}": v for k, v in clip.state_dict().items()}
 
 
 def build_sd15_checkpoint(target: Path, seed: int = 0) -> None:
     _save_safetensors(sd15_state_dict(seed), target, _metadata("sd15", seed))
+
+
+# --------------------------------------------------------------------------------------------
+# SDXL-family checkpoint (Segmind Vega)
+
+
+def vega_unet(seed: int = 0, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
+    """ComfyUI's UNetModel in Segmind Vega's configuration (745M parameters), random weights.
+
+    Built in fp16 directly: the fp32 copy alone would be 3 GB on a shared machine.
+    """
+    import_comfy()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**unet_kwargs(SEGMIND_VEGA_UNET_CONFIG), dtype=dtype, operations=comfy.ops.disable_weight_init)
+    _randomize(unet, seed)
+    return unet
+
+
+def _random_clip_g(seed: int) -> dict[str, torch.Tensor]:
+    """A full random OpenCLIP ViT-bigG text tower (ComfyUI's ``clip_config_bigg.json``, 695M
+    parameters) as transformers ``CLIPTextModelWithProjection`` keys, fp16."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(**json.loads((comfyui_path() / "comfy" / "clip_config_bigg.json").read_text()))
+    with _seeded(seed):
+        clip = CLIPTextModelWithProjection(config)
+    return {k: v.half() for k, v in clip.state_dict().items()}
+
+
+def sdxl_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The single-file SDXL-family checkpoint (fp16) in the original layout: ``model.diffusion_model.*``,
+    ``first_stage_model.*`` (TAESD), ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L)
+    and ``conditioner.embedders.1.model.*`` (CLIP-G in the OpenCLIP layout: fused ``in_proj``,
+    ``resblocks``, ``text_projection`` as ``x @ W``), converted by ComfyUI's own save path
+    (``SDXL.process_clip_state_dict_for_saving``), so it is laid out as ComfyUI writes SDXL files.
+    """
+    import_comfy()
+    import comfy.supported_models
+
+    sd: dict[str, torch.Tensor] = {}
+    for key, value in vega_unet(seed).state_dict().items():
+        sd[f"model.diffusion_model.{key}"] = value
+    for key, value in _random_taesd(seed + 1).items():
+        sd[f"first_stage_model.{key}"] = value.half()
+    clip = {f"clip_l.transformer.{k}": v.half() for k, v in _random_clip_l(seed + 2).items()}
+    clip.update({f"clip_g.transformer.{k}": v for k, v in _random_clip_g(seed + 3).items()})
+    config = comfy.supported_models.Segmind_Vega(unet_kwargs(SEGMIND_VEGA_UNET_CONFIG))
+    sd.update(config.process_clip_state_dict_for_saving(clip))
+    return sd
+
+
+def build_sdxl_checkpoint(target: Path, seed: int = 0) -> None:
+    _save_safetensors(sdxl_state_dict(seed), target, _metadata("sdxl-segmind-vega", seed))
+
+
+def sdxl_checkpoint(root: Path | str | None = None, *, force: bool = False, seed: int = 0) -> Path:
+    """Build (or reuse) the SDXL-family test checkpoint under ``root`` (default the cache)."""
+    root = Path(root) if root is not None else DEFAULT_CACHE
+    with _build_lock(root):
+        return _cached(root / SDXL_CHECKPOINT, lambda p: build_sdxl_checkpoint(p, seed), force)
 
 
 def build_controlnet(target: Path, seed: int = 0) -> None:
@@ -560,6 +636,52 @@ def verify_sd15(checkpoint: Path, lora: Path | None = None, steps: int = 4, size
     return image
 
 
+@torch.inference_mode()
+def verify_sdxl(checkpoint: Path, steps: int = 1, size: int = 64) -> tuple[str, torch.Tensor]:
+    """Load with ComfyUI's own loader, check the model is SDXL-family with an SDXL CLIP (CLIP-L +
+    CLIP-G: tokens ``[1, 77, 2048]``, pooled ``[1, 1280]``), sample and decode.
+
+    Returns ComfyUI's model config class name (``Segmind_Vega``) and the image ``[1, H, W, 3]``.
+    """
+    import_comfy()
+    import comfy.sample
+    import comfy.sd
+    import comfy.supported_models
+
+    with _captured_warnings() as warnings:  # ComfyUI only logs weights it cannot place
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)
+    if any("missing" in w or "unexpected" in w for w in warnings):
+        raise AssertionError(f"ComfyUI did not place every weight of {checkpoint.name}: {warnings[:3]}")
+    model_config = model.model.model_config
+    if not isinstance(model_config, comfy.supported_models.SDXL):
+        raise AssertionError(f"{checkpoint.name} detected as {type(model_config).__name__}, expected SDXL-family")
+
+    def encode(text: str) -> list:
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+    # CLIP-G's text projection (the pooled vector's last step) is one weight ComfyUI never reports
+    # missing: it must be the file's OpenCLIP ``x @ W`` matrix, transposed into a Linear weight.
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        stored = f.get_tensor("conditioner.embedders.1.model.text_projection")
+    if not torch.equal(clip.cond_stage_model.clip_g.transformer.text_projection.weight.to(stored.dtype), stored.t()):
+        raise AssertionError("CLIP-G's text_projection did not load from the file")
+
+    positive = encode("a beach, thunder")
+    tokens, pooled = positive[0][0], positive[0][1]["pooled_output"]
+    if tokens.shape != (1, 77, 2048) or pooled.shape != (1, 1280):
+        raise AssertionError(f"SDXL CLIP gave {tuple(tokens.shape)} and pooled {tuple(pooled.shape)}")
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, seed=0)
+    samples = comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", positive, encode(""), latent,
+                                  seed=0, disable_pbar=True)
+    image = vae.decode(samples)
+    if image.shape != (1, size, size, 3) or not torch.isfinite(image).all() or image.std() < 1e-3:
+        raise AssertionError(f"bad image: shape {tuple(image.shape)}, std {float(image.std()):.4f}")
+    return type(model_config).__name__, image
+
+
 def verify_controlnet(path: Path) -> None:
     """ComfyUI's ControlNet loader recognises the file and finds every weight it expects."""
     import_comfy()
@@ -599,27 +721,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--verify", action="store_true",
                         help="load with ComfyUI / transformers and sample (slower)")
+    parser.add_argument("--sdxl", action="store_true",
+                        help="also build the SDXL-family checkpoint (Segmind Vega, 3.1 GB; about a minute)")
     parser.add_argument("--json", action="store_true", help="print the paths as JSON")
     parser.add_argument("--print", dest="fields", nargs="+", metavar="FIELD",
-                        help="print only these paths, one a line (e.g. sd15_checkpoint clap_folder)")
+                        help="print only these paths, one a line (e.g. sd15_checkpoint clap_folder sdxl_checkpoint)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.fields else logging.INFO, format="%(message)s")
 
     start = time.perf_counter()
     models = build_all(args.root, force=args.force)
     log.info("test models ready in %.1fs under %s", time.perf_counter() - start, models.root)
+    # The SDXL checkpoint only when asked for (3.1 GB): --print sdxl_checkpoint, or --sdxl.
+    sdxl = (sdxl_checkpoint(args.root, force=args.force)
+            if args.sdxl or "sdxl_checkpoint" in (args.fields or ()) else None)
     if args.verify:
         start = time.perf_counter()
         verify_sd15(models.sd15_checkpoint, lora=models.lora)
         verify_controlnet(models.controlnet)
         verify_clap(models.clap_folder)
+        if sdxl is not None:
+            verify_sdxl(sdxl)
         log.info("verified in %.1fs", time.perf_counter() - start)
     if args.fields:
-        print("\n".join(str(getattr(models, name)) for name in args.fields))
+        print("\n".join(str(sdxl if name == "sdxl_checkpoint" else getattr(models, name)) for name in args.fields))
     elif args.json:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else {n: str(p) for n, p in v.items()}
                               if isinstance(v, dict) else v)
-                          for k, v in models.__dict__.items()}, indent=2))
+                          for k, v in {**models.__dict__, **({"sdxl_checkpoint": sdxl} if sdxl else {})}.items()},
+                         indent=2))
     return 0
 
 
