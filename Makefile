@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 BENCH_ARGS  ?=
 
-.PHONY: help setup models test test-quick test-slow lint demo train-smoke bench clean-models FORCE
+.PHONY: help setup models test test-quick test-slow lint demo train-smoke distil-smoke bench clean-models FORCE
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,10 @@ lint: $(STAMP)  ## ruff
 train-smoke: $(STAMP)  ## train all three stages on CPU on generated sounds (a few minutes); prints JSON last
 	@paths=($$($(PY) tools/test_models.py --print sd15_checkpoint clap_folder)) && set -x && \
 	$(PY) -m clap2diffusion_core.training smoke --out out/train-smoke --sd15 $${paths[0]} --clap $${paths[1]} $(TRAIN_SMOKE_ARGS)
+
+distil-smoke: $(STAMP)  ## distil the audio adapter from the tiny SD1.5 on CPU (text fit first; ~2 min); prints JSON last
+	@paths=($$($(PY) tools/test_models.py --print sd15_checkpoint clap_folder)) && set -x && \
+	$(PY) -m clap2diffusion_core.training distil-smoke --out out/distil-smoke --sd15 $${paths[0]} --clap $${paths[1]} $(DISTIL_SMOKE_ARGS)
 
 bench: $(STAMP)  ## what sound costs on top of text (CPU: a few minutes; --full on a GPU); writes bench/results.json
 	$(PY) bench/bench.py $(BENCH_ARGS)

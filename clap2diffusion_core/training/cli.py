@@ -8,6 +8,9 @@
     smoke               everything above on generated data (`make train-smoke`: the random test models); prints JSON
     fit-text            stage 1 from text alone: captions from the sound vocabulary, a CLAP, an SD1.5
                         checkpoint -> a stage-1 file (no audio, no images, no data set)
+    distil              the adapter distilled from the base UNet on captions alone -> a stage-3 file
+                        for Apply Audio to Model (no audio, no images, no data set)
+    distil-smoke        text fit + distillation on the tiny test models (`make distil-smoke`); prints JSON
 
 Run under ``accelerate launch [--num_processes N] [--cpu] -m clap2diffusion_core.training ...`` for
 several processes; plain ``python -m`` is one process.
@@ -89,6 +92,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("distil", help="distil the audio adapter from the base UNet (no data set)")
+    p.add_argument("--config", default="distil", help="distil (shipped) or a YAML file")
+    p.add_argument("--sd15", help="= sd15: single-file SD1.5 checkpoint (teacher, student and the grid's VAE)")
+    p.add_argument("--clap", help="= distil.clap: CLAP model with its text tower")
+    p.add_argument("--init-from", help="= init_from: a text-fitted stage-1 file (fit-text) to start from")
+    p.add_argument("--output-dir", help="= output_dir (writes <output_dir>/distil/)")
+    p.add_argument("--captions", help="= distil.captions: extra captions, one per line")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set distil.guidance_scale=3 (repeatable)")
+    p.add_argument("--resume", help="'latest' (the newest distil checkpoint, if any) or a checkpoint folder")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("distil-smoke", help="the distillation smoke run; prints one JSON line last")
+    p.add_argument("--out", default="out/distil-smoke")
+    p.add_argument("--sd15", required=True, help="single-file SD1.5 checkpoint (the tiny test one will do)")
+    p.add_argument("--clap", required=True, help="CLAP model with its text tower")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("smoke", help="the smoke run; prints one JSON line last")
     p.add_argument("--out", default="out/train-smoke")
     # `make train-smoke` passes the random tiny models of tools/test_models.py: the core never imports tools.
@@ -153,6 +175,40 @@ def _smoke(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     figures = run_smoke(args.out, args.sd15, args.clap, progress=not args.no_progress)
     if figures is None:  # not the main process
+        return 0
+    sys.stdout.flush()
+    print(json.dumps(figures), flush=True)
+    return 0 if figures["ok"] else 1
+
+
+def _distil(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import train_stage
+
+    flags = {"sd15": args.sd15, "distil.clap": args.clap, "init_from": args.init_from,
+             "output_dir": args.output_dir, "distil.captions": args.captions}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v] + args.overrides
+    config = load_config(args.config, overrides)
+    if config.objective != "distil":
+        raise SystemExit(f"{args.config}: objective is {config.objective!r}; the distil command runs "
+                         "objective: distil configs (use `train` for the others)")
+    result = train_stage(config, resume=args.resume, progress=not args.no_progress)
+    from .distil import heldout_gain
+
+    if result.heldout_losses:
+        print(json.dumps({"file": str(result.file), "steps": result.steps, "heldout_gain": round(
+            heldout_gain(result.heldout_losses), 4), "grids": [str(p) for _, p in result.grids]}), flush=True)
+    return 0
+
+
+def _distil_smoke(args: argparse.Namespace) -> int:
+    import torch
+
+    from .distil_smoke import run_distil_smoke
+
+    torch.set_num_threads(max(1, args.threads))
+    figures = run_distil_smoke(args.out, args.sd15, args.clap, progress=not args.no_progress)
+    if figures is None:
         return 0
     sys.stdout.flush()
     print(json.dumps(figures), flush=True)
@@ -261,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return {"prepare": _prepare, "train": _train, "eval": _eval, "smoke": _smoke,
-                "fit-text": _fit_text}[args.command](args)
+                "fit-text": _fit_text, "distil": _distil, "distil-smoke": _distil_smoke}[args.command](args)
     finally:
         import torch.distributed
 

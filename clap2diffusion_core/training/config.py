@@ -1,4 +1,5 @@
-"""Stage configs: YAML files (``configs/stage{1,2,3}.yaml``) read into typed dataclasses.
+"""Stage configs: YAML files (``configs/stage{1,2,3}.yaml``, ``configs/distil.yaml``) read into typed
+dataclasses.
 
 A config is a YAML file, or the name of a shipped one, plus ``key.sub=value`` overrides (values
 parsed as YAML): ``load_config("stage1", ["optim.lr=3e-4", "data.batch_size=32"])``. Unknown keys
@@ -19,6 +20,8 @@ import yaml
 from .schedules import TemperatureSchedule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+#: The distillation's loader file (a stage-3 file: Apply Audio to Model loads it).
+DISTIL_FILE_NAME = "audio_adapter_distilled"
 
 
 @dataclasses.dataclass
@@ -75,8 +78,53 @@ class ModelOptions:
 
 
 @dataclasses.dataclass
+class DistilConfig:
+    """The distillation objective (``objective: distil``): see :mod:`.distil`.
+
+    No data set: captions (the text fit's corpus) give the teacher's text and the student's CLAP text
+    embedding; the latents are noise and the states the teacher reaches from it.
+    """
+
+    #: CLAP model whose *text* tower embeds the captions (transformers folder or laion-clap .pt).
+    clap: str | None = None
+    #: CLIP-L tokenizer folder (default: ComfyUI's comfy/sd1_tokenizer).
+    tokenizer: str | None = None
+    #: Extra captions, one per line (they come first in the corpus).
+    captions: str | None = None
+    corpus_size: int = 1024
+    corpus_seed: int = 0
+    #: Captions kept out of training; ``heldout_gain`` is measured on them.
+    heldout: int = 64
+    #: Gap bridging of the CLAP text embeddings (the text fit's noise norm; 0: none).
+    bridge_noise: float = 1.0
+    #: Teacher classifier-free guidance ``u + g (c - u)`` (``u``: the neutral prompt): 1 = the text
+    #: prediction alone; above 1 the audio learns to act as CFG'd text does (sample with low CFG then).
+    guidance_scale: float = 1.0
+    #: Latent side (image side / 8) of the states the student sees.
+    latent_size: int = 64
+    #: The teacher's DDIM grid: ``sampler_steps`` timesteps from 999 down.
+    sampler_steps: int = 10
+    #: A row's state is the teacher's after 1..``teacher_steps`` DDIM steps on the grid from noise.
+    teacher_steps: int = 6
+    #: Share of rows at pure noise instead, at a timestep drawn in [``pure_noise_min_t``, 999].
+    pure_noise: float = 0.25
+    pure_noise_min_t: int = 800
+    #: Validation grid (teacher / student / neutral for a few held-out captions) every this many
+    #: steps and at the end; 0: never.
+    grid_every: int = 500
+    grid_captions: int = 3
+    grid_steps: int = 20
+    #: CFG of the grid's samplers (uncond: the neutral prompt; the student's with the silence tokens).
+    grid_guidance: float = 7.5
+    grid_seed: int = 0
+
+
+@dataclasses.dataclass
 class StageConfig:
     stage: int = 1
+    #: ``dataset``: the feature cache's clips (stages 1-3); ``distil``: self-distillation from the
+    #: base UNet on captions alone (a stage-3 file, written to ``<output_dir>/distil/``).
+    objective: Literal["dataset", "distil"] = "dataset"
     steps: int = 3000
     seed: int = 42
     #: The run folder; stage ``n`` writes ``<output_dir>/stage<n>/``.
@@ -100,6 +148,7 @@ class StageConfig:
     temperature: TemperatureSchedule = dataclasses.field(default_factory=TemperatureSchedule)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     model: ModelOptions = dataclasses.field(default_factory=ModelOptions)
+    distil: DistilConfig = dataclasses.field(default_factory=DistilConfig)
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
@@ -109,10 +158,32 @@ class StageConfig:
         known = {"decomposer", "projector", "adapter"}
         if not set(self.model.train) <= known or (self.stage == 1 and "adapter" in self.model.train):
             raise ValueError(f"model.train {self.model.train}: choose from {sorted(known)} (no adapter in stage 1)")
+        if self.objective == "distil":
+            if self.stage != 3:
+                raise ValueError("objective distil writes a stage-3 file (adapter included): set stage: 3")
+            if not self.distil.clap:
+                raise ValueError("objective distil embeds its captions with CLAP's text tower: set distil.clap")
+            d = self.distil
+            if not 1 <= d.teacher_steps < d.sampler_steps:
+                raise ValueError(f"distil.teacher_steps {d.teacher_steps}: choose 1 .. sampler_steps - 1")
+            if d.heldout < 1 or d.heldout >= d.corpus_size:
+                raise ValueError(f"distil.heldout {d.heldout}: choose 1 .. corpus_size - 1")
+
+    @property
+    def name(self) -> str:
+        """``stage<n>`` or ``distil``: the run folder's subfolder and the TensorBoard run name."""
+        return "distil" if self.objective == "distil" else f"stage{self.stage}"
 
     @property
     def stage_dir(self) -> Path:
-        return Path(self.output_dir) / f"stage{self.stage}"
+        return Path(self.output_dir) / self.name
+
+    @property
+    def file_name(self) -> str:
+        """The loader file's name (without ``.safetensors``)."""
+        from ..checkpoint import STAGE_FILE_NAMES
+
+        return DISTIL_FILE_NAME if self.objective == "distil" else STAGE_FILE_NAMES[self.stage]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -246,6 +246,60 @@ def load_latent_encoder(checkpoint: str | os.PathLike) -> LatentEncoder:
     return LatentEncoder(vae, "kl")
 
 
+class LatentDecoder(nn.Module):
+    """Latents ``[B, 4, h, w]`` in the UNet's space -> images ``[B, 3, 8h, 8w]`` in [-1, 1]."""
+
+    def __init__(self, vae: nn.Module, kind: str, vae_scale: float = 1.0, vae_shift: float = 0.0) -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.kind = kind
+        self.vae_scale, self.vae_shift = vae_scale, vae_shift
+
+    @torch.no_grad()
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        raw = latents.to(next(self.vae.parameters())) / SD15_LATENT_SCALE
+        if self.kind == "taesd":
+            # ComfyUI: taesd_decoder((x - shift) * scale) in [0, 1]; DecoderTiny returns 2 y - 1.
+            return self.vae((raw - self.vae_shift) * self.vae_scale).float().clamp(-1, 1)
+        return self.vae.decode(raw).sample.float().clamp(-1, 1)
+
+
+def load_latent_decoder(checkpoint: str | os.PathLike) -> LatentDecoder:
+    """The VAE decoder of an SD1.5 single-file checkpoint (fp32, CPU): the full ``AutoencoderKL``,
+    or TAESD (``first_stage_model.taesd_decoder.*``, as ComfyUI stores it)."""
+    from accelerate import init_empty_weights
+
+    raw = _read_prefixed(checkpoint, VAE_PREFIX)
+    if any(k.startswith(VAE_PREFIX + "taesd_decoder.") for k in raw):
+        from diffusers.models.autoencoders.vae import DecoderTiny
+
+        with init_empty_weights():
+            decoder = DecoderTiny(4, 3, num_blocks=(3, 3, 3, 1), block_out_channels=(64, 64, 64, 64),
+                                  upsampling_scaling_factor=2, act_fn="relu", upsample_fn="nearest")
+        prefix = VAE_PREFIX + "taesd_decoder."
+        # ComfyUI's decoder starts with a parameterless Clamp (index 0); DecoderTiny's layers do not.
+        state = {}
+        for key, value in raw.items():
+            if key.startswith(prefix):
+                index, _, rest = key[len(prefix):].partition(".")
+                state[f"layers.{int(index) - 1}.{rest}"] = value.float()
+        _load_exact(decoder, state, "TAESD decoder")
+        scale = float(raw.get(VAE_PREFIX + "vae_scale", torch.tensor(1.0)))
+        shift = float(raw.get(VAE_PREFIX + "vae_shift", torch.tensor(0.0)))
+        return LatentDecoder(decoder, "taesd", scale, shift)
+    if VAE_PREFIX + "decoder.conv_in.weight" not in raw:
+        raise CheckpointError(f"{checkpoint}: no {VAE_PREFIX}* VAE decoder weights (neither AutoencoderKL nor TAESD)")
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    config = json.loads((CONFIG_DIR / "vae_sd15.json").read_text())
+    state = {k: v.float() for k, v in convert_ldm_vae_checkpoint(raw, config).items()}
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(config)
+    _load_exact(vae, state, "SD1.5 VAE")
+    return LatentDecoder(vae, "kl")
+
+
 def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     """An image (or a video's middle frame) -> ``[3, R, R]`` in [-1, 1]: shorter side resized to
     ``resolution`` (bicubic), centre crop. Raises ``OSError``/``ValueError`` if unreadable."""

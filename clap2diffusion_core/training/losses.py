@@ -68,9 +68,14 @@ def prior_kl(levels: AudioLevels, prior: Sequence[float]) -> torch.Tensor:
     """``KL(prior || usage)`` of the batch's level usage (share of tokens per level) against the
     5:3:2 prior: the decomposer may route any one sound as it likes, but on average the levels
     keep their intended sizes, which the projector's 39/23/15 token split assumes."""
-    p = torch.as_tensor(prior, dtype=torch.float32, device=levels.assignment.device)
+    return prior_kl_of_usage(levels.assignment.float().mean(dim=(0, 1)), prior)
+
+
+def prior_kl_of_usage(usage: torch.Tensor, prior: Sequence[float]) -> torch.Tensor:
+    """:func:`prior_kl` from the level usage ``[L]`` (the mean assignment over a batch's tokens)."""
+    p = torch.as_tensor(prior, dtype=torch.float32, device=usage.device)
     p = p / p.sum()
-    usage = levels.assignment.float().mean(dim=(0, 1)).clamp_min(1e-8)
+    usage = usage.float().clamp_min(1e-8)
     return (p * (p.log() - usage.log())).sum()
 
 

@@ -30,6 +30,7 @@ from ..model import CLAP2DiffusionModel, ModelConfig
 from ..projector import ProjectorConfig
 from . import losses
 from .config import StageConfig
+from .distributed import gather_rows
 from .encoders import CONFIG_DIR
 
 if TYPE_CHECKING:
@@ -153,20 +154,33 @@ class StageModule(nn.Module):
         if empty_caption is not None:
             self.register_buffer("empty_caption", empty_caption.float(), persistent=False)
 
-    def draw(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """This step's randomness for ``batch`` (on the CPU, from ``generator``)."""
+    def draw(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator, part: tuple[int, int] = (0, 1),
+        evaluation: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """This step's randomness for ``batch`` (on the CPU, from ``generator``).
+
+        ``part = (rank, world)``: the numbers are drawn for the global batch (``world`` x this
+        batch's rows) and this process takes its slice, so N processes draw what one process with
+        the global batch draws. ``evaluation``: no dropped rows.
+        """
         cfg = self.loss_config
         if not cfg.epsilon:
             return {}
         latents = batch["latents"]
-        b = latents.shape[0]
+        b, (rank, world) = latents.shape[0], part
+        n = b * world
         steps = self.frozen.scheduler.config.num_train_timesteps
-        return {
-            "noise": torch.randn(latents.shape, generator=generator),
-            "timesteps": torch.randint(0, steps, (b,), generator=generator),
-            "drop_audio": torch.rand(b, generator=generator) < cfg.audio_dropout,
-            "drop_text": torch.rand(b, generator=generator) < cfg.text_dropout,
+        drawn = {
+            "noise": torch.randn((n, *latents.shape[1:]), generator=generator),
+            "timesteps": torch.randint(0, steps, (n,), generator=generator),
+            "drop_audio": torch.rand(n, generator=generator) < cfg.audio_dropout,
+            "drop_text": torch.rand(n, generator=generator) < cfg.text_dropout,
         }
+        if evaluation:
+            drawn["drop_audio"].zero_()
+            drawn["drop_text"].zero_()
+        return {k: v[rank * b:(rank + 1) * b] for k, v in drawn.items()}
 
     def forward(
         self, batch: dict[str, torch.Tensor], temperature: float
@@ -188,12 +202,16 @@ class StageModule(nn.Module):
             if weight:
                 terms[name], weights[name] = compute(), weight
 
+        # Losses that couple rows see the global batch while training (see .distributed).
+        gather = gather_rows if self.training else (lambda x: x)
         add("infonce", cfg.infonce,
-            lambda: losses.info_nce(pooled, batch["text_pooled"], cfg.infonce_temperature, batch["caption_index"]))
+            lambda: losses.info_nce(gather(pooled), gather(batch["text_pooled"]), cfg.infonce_temperature,
+                                    gather(batch["caption_index"])))
         add("mse", cfg.mse, lambda: losses.direction_mse(pooled, batch["text_pooled"]))
         add("orthogonality", cfg.orthogonality, lambda: losses.orthogonality(levels))
         add("entropy", -cfg.entropy, lambda: losses.assignment_entropy(levels))  # maximised
-        add("prior", cfg.prior, lambda: losses.prior_kl(levels, self.model.config.decomposer.level_prior))
+        add("prior", cfg.prior, lambda: losses.prior_kl_of_usage(
+            gather(levels.assignment.float().mean(dim=1)).mean(dim=0), self.model.config.decomposer.level_prior))
         add("epsilon", cfg.epsilon, lambda: self._epsilon(batch, tokens, temperature))
         loss = sum(weights[k] * v for k, v in terms.items())
 

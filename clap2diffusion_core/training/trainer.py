@@ -1,4 +1,4 @@
-"""The accelerate training loop shared by the three stages.
+"""The accelerate training loop shared by the three stages and the distillation (:mod:`.distil`).
 
 One process or many (``accelerate launch``: several GPUs, several machines, or ``--cpu``), fp32 /
 bf16 / fp16, gradient accumulation; tqdm progress, TensorBoard scalars, periodic checkpoints and
@@ -10,6 +10,10 @@ step. Nothing else is stateful: the data order is a pure function of (seed, posi
 position is ``step x accumulation``; each micro-batch's noise, timesteps and dropout come from a
 generator seeded with (seed, step, micro-batch, process); the temperature and LR are functions of
 the step. So a run resumed from step k makes the same updates as one that never stopped.
+
+N processes train like one process with the same global batch: the data order hands process p its
+slice of each global batch, the per-step randomness is drawn for the global batch and sliced, and
+the losses that couple rows (InfoNCE, the level prior) gather the global batch (:mod:`.distributed`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class TrainResult:
     steps: int
     #: ``(step, {"loss": total, <term>: unweighted value})`` on the fixed batch.
     fixed_losses: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    #: The same on the held-out captions (the distillation only).
+    heldout_losses: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    #: Validation grids written (the distillation only): ``(step, png path)``.
+    grids: list[tuple[int, Path]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -160,7 +168,7 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
 
     start_time = time.perf_counter()
     out = config.stage_dir
-    if config.stage > 1 and not config.init_from:
+    if config.stage > 1 and not config.init_from and config.objective == "dataset":
         previous = Path(config.output_dir) / f"stage{config.stage - 1}" / f"{STAGE_FILE_NAMES[config.stage - 1]}.safetensors"
         config = dataclasses.replace(config, init_from=str(previous))
     use_tb = _tensorboard_available()
@@ -183,8 +191,16 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
     set_seed(config.seed)  # the same initial weights in every process
 
     # ---- data and models
-    fields = ["clap", "text_pooled"] + (["text", "latents"] if config.loss.epsilon else [])
-    dataset = FeatureDataset(config.data.cache, config.data.split, fields)
+    distil = config.objective == "distil"
+    captions = None
+    if distil:
+        from .distil import encode_captions
+
+        captions = encode_captions(config)  # every process encodes the corpus: deterministic, cheap
+        dataset = captions.dataset(captions.train)
+    else:
+        fields = ["clap", "text_pooled"] + (["text", "latents"] if config.loss.epsilon else [])
+        dataset = FeatureDataset(config.data.cache, config.data.split, fields)
     frozen = None
     if config.stage > 1:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
@@ -194,8 +210,13 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
         from ..diffusers_processor import attach_audio_adapter
 
         frozen.hook = attach_audio_adapter(frozen.unet, model.adapter)
-    empty = FeatureCache(config.data.cache).empty_caption() if config.loss.text_dropout else None
-    module = StageModule(model, config, frozen, empty).to(device)
+    if distil:
+        from .distil import DistilModule
+
+        module = DistilModule(model, config, frozen, captions.neutral).to(device)
+    else:
+        empty = FeatureCache(config.data.cache).empty_caption() if config.loss.text_dropout else None
+        module = StageModule(model, config, frozen, empty).to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas,
                                   eps=config.optim.eps, weight_decay=config.optim.weight_decay)
@@ -208,7 +229,7 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
     checkpoint = find_checkpoint(out, resume) if resume else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        accelerator.print(f"stage {config.stage}: resumed from {checkpoint} at step {state.step}")
+        accelerator.print(f"{config.name}: resumed from {checkpoint} at step {state.step}")
     stop = min(config.steps, config.stop_at or config.steps)
 
     sampler = StreamBatchSampler(len(dataset), config.data.batch_size, config.seed, rank, world,
@@ -218,37 +239,72 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
     batches = iter(loader)
     unwrapped: StageModule = accelerator.unwrap_model(module)
 
-    # The same examples, noise and timesteps every time: a loss curve free of sampling noise.
-    fixed = [dataset[i] for i in range(min(config.eval_batch_size, len(dataset)))]
-    fixed = {k: torch.stack([torch.as_tensor(item[k]) for item in fixed]) for k in fixed[0]}
-    fixed.update(unwrapped.draw(fixed, torch.Generator().manual_seed(config.seed)))
-    fixed = _to_device({k: torch.zeros_like(v) if k.startswith("drop_") else v for k, v in fixed.items()}, device)
+    # The same examples, noise and timesteps every time: a loss curve free of sampling noise. The
+    # distillation also evaluates every held-out caption (in batches of eval_batch_size).
+    def fixed_batches(data, rows: range, seed: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for start in range(rows.start, rows.stop, config.eval_batch_size):
+            items = [data[i] for i in range(start, min(rows.stop, start + config.eval_batch_size))]
+            batch = {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
+            batch.update(unwrapped.draw(batch, torch.Generator().manual_seed(seed + start), evaluation=True))
+            out.append(_to_device(batch, device))
+        return out
+
+    fixed_sets = {"fixed_batch": fixed_batches(dataset, range(min(config.eval_batch_size, len(dataset))), config.seed)}
+    if distil:
+        heldout = captions.dataset(captions.heldout)
+        fixed_sets["heldout"] = fixed_batches(heldout, range(len(heldout)), config.seed + 1)
+    decoder = None
+    if distil and config.distil.grid_every > 0 and accelerator.is_main_process:
+        from .encoders import load_latent_decoder
+
+        decoder = load_latent_decoder(config.sd15).to(device)
 
     @torch.no_grad()
     def evaluate(step: int) -> None:
         unwrapped.eval()
-        with accelerator.autocast():
-            loss, terms, _ = unwrapped(fixed, config.temperature(step))
+        for name, batches in fixed_sets.items():
+            sums, rows = {}, 0
+            for batch in batches:
+                with accelerator.autocast():
+                    loss, terms, _ = unwrapped(batch, config.temperature(step))
+                n = next(iter(batch.values())).shape[0]
+                for k, v in ({"loss": loss} | terms).items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+                rows += n
+            values = {k: v / rows for k, v in sums.items()}
+            (result.heldout_losses if name == "heldout" else result.fixed_losses).append((step, values))
+            accelerator.log({f"eval/{name}_{k}": v for k, v in values.items()}, step=step)
         unwrapped.train()
-        values = {"loss": float(loss)} | {k: float(v) for k, v in terms.items()}
-        result.fixed_losses.append((step, values))
-        accelerator.log({f"eval/fixed_batch_{k}": v for k, v in values.items()}, step=step)
+
+    def grid(step: int) -> None:
+        from .distil import validation_grid
+
+        path, image = validation_grid(unwrapped, captions, decoder, config.temperature(step),
+                                      config.stage_dir / "validation", step)
+        result.grids.append((step, path))
+        if use_tb:
+            accelerator.get_tracker("tensorboard", unwrap=True).add_image("validation/grid", image, step)
 
     if use_tb:
         hparams = {k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(f"stage{config.stage}", config=hparams)
-    result = TrainResult(config.stage, out / f"{STAGE_FILE_NAMES[config.stage]}.safetensors", config.steps)
+        accelerator.init_trackers(config.name, config=hparams)
+    result = TrainResult(config.stage, out / f"{config.file_name}.safetensors", config.steps)
+    grid_every = config.distil.grid_every if decoder is not None else 0
     if state.step == 0:
         evaluate(0)
+        if grid_every:
+            grid(0)
 
-    bar = tqdm(total=config.steps, initial=state.step, desc=f"stage {config.stage}", unit="step",
+    bar = tqdm(total=config.steps, initial=state.step, desc=config.name, unit="step",
                disable=not (progress and accelerator.is_local_main_process), dynamic_ncols=True)
     while state.step < stop:
         temperature = config.temperature(state.step)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             batch = next(batches)
-            batch.update(unwrapped.draw(batch, step_generator(config.seed, state.step, micro, rank)))
+            # Drawn for the global batch from one generator, then sliced: N processes == 1 process.
+            batch.update(unwrapped.draw(batch, step_generator(config.seed, state.step, micro, 0), (rank, world)))
             batch = _to_device(batch, device)
             with accelerator.accumulate(module):
                 loss, terms, stats = module(batch, temperature)
@@ -275,13 +331,15 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}", T=f"{temperature:.2f}")
         if state.step % config.eval_every == 0 or state.step == config.steps:
             evaluate(state.step)
+        if grid_every and (state.step % grid_every == 0 or state.step == config.steps):
+            grid(state.step)
         if state.step % config.checkpoint_every == 0 or state.step == stop:
             _save(accelerator, config, unwrapped, state.step)
     bar.close()
 
     if state.step >= config.steps and accelerator.is_main_process:
         save_checkpoint(final_model(unwrapped.model, config.temperature(config.steps)), result.file)
-        accelerator.print(f"stage {config.stage}: wrote {result.file}")
+        accelerator.print(f"{config.name}: wrote {result.file}")
     accelerator.wait_for_everyone()
     # Not end_training(): it also destroys the process group, which the next stage still needs.
     for tracker in accelerator.trackers:
@@ -298,8 +356,8 @@ def _save(accelerator, config: StageConfig, unwrapped: StageModule, step: int) -
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         model = final_model(unwrapped.model, config.temperature(step))
-        save_checkpoint(model, folder / f"{STAGE_FILE_NAMES[config.stage]}.safetensors")
-        (folder / "trainer_state.json").write_text(json.dumps({"stage": config.stage, "step": step,
+        save_checkpoint(model, folder / f"{config.file_name}.safetensors")
+        (folder / "trainer_state.json").write_text(json.dumps({"stage": config.stage, "name": config.name, "step": step,
                                                                 "config": config.to_dict()}, indent=2))
         steps = sorted((int(m.group(1)), p) for p in folder.parent.glob("step-*") if (m := _STEP_DIR.match(p.name)))
         for _, old in steps[:-config.keep_checkpoints] if config.keep_checkpoints > 0 else []:

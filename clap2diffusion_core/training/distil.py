@@ -1,0 +1,349 @@
+"""Self-distillation of the audio adapter from the base UNet: a stage-3 file with no data set.
+
+The base model already knows what a caption looks like, so the adapter can learn from it:
+
+- **teacher**: the frozen UNet on the caption's text (CLIP hidden states ``[B, 77, C]``), with an
+  optional guidance scale ``g``: ``u + g (c - u)``, ``u`` the neutral prompt's prediction;
+- **student**: the same UNet on the neutral prompt (``""``) with the audio adapter fed the tokens of
+  the caption's CLAP *text* embedding, moved by the text fit's gap-bridging noise (at inference the
+  audio embedding is fed instead);
+- **loss**: MSE between the student's and the teacher's noise predictions.
+
+States (what the UNet denoises): from pure noise, the teacher walks ``j`` deterministic DDIM steps
+on a coarse grid (``distil.sampler_steps`` timesteps from 999), ``j`` drawn in 1..``teacher_steps``
+per row, so the student sees the states its sampler will see. A ``pure_noise`` share of rows is
+pure noise at a timestep in [``pure_noise_min_t``, 999] instead. The walk runs once per micro-batch
+without gradient (``max j`` teacher evaluations) before the student's forward. Rows whose audio is
+dropped (``loss.audio_dropout``) get the silence tokens and the neutral prediction as target, so
+the unconditional rows of CFG, which ComfyUI feeds the silence tokens, stay neutral.
+
+``heldout_gain`` (the smoke's figure, :func:`heldout_gain`): on captions kept out of training, with
+fixed states, ``1 - mse(student_trained, teacher) / mse(student_untrained, teacher)``. The
+untrained student has closed gates (the adapter starts at exactly zero), so it *is* the neutral
+prediction, and the gain is the share of the text's effect on the noise prediction that the audio
+adapter reproduces for unseen captions: 0 = none, 1 = all of it.
+
+Validation grid (:func:`validation_grid`): at set steps, a few held-out captions sampled from the
+same seed with DDIM and CFG: teacher (text), student (neutral prompt + audio), neutral prompt alone;
+decoded with the checkpoint's VAE into ``<run>/distil/validation/step-<n>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import CLAP2DiffusionModel
+from . import losses
+from .captions import build_corpus, read_caption_file
+from .config import StageConfig
+
+if TYPE_CHECKING:
+    from .stages import FrozenUNet
+
+
+# ------------------------------------------------------------------------------------------------
+# captions
+
+
+@dataclass
+class CaptionSet:
+    """The corpus, encoded once: ``clap [M, 512]`` (CLAP text, unit), ``text [M, 77, C]`` (the
+    teacher's context), ``neutral [1, 77, C]`` (the empty prompt); ``train`` / ``heldout`` rows."""
+
+    captions: list[str]
+    clap: torch.Tensor
+    text: torch.Tensor
+    neutral: torch.Tensor
+    train: list[int]
+    heldout: list[int]
+
+    def dataset(self, rows: Sequence[int]) -> CaptionDataset:
+        return CaptionDataset(self, list(rows))
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """``dataset[i]`` -> ``{"clap" [512], "text" [77, C], "caption_index"}`` for the chosen rows."""
+
+    def __init__(self, captions: CaptionSet, rows: list[int]) -> None:
+        self.captions, self.rows = captions, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.rows[i]
+        return {"clap": self.captions.clap[row], "text": self.captions.text[row].float(),
+                "caption_index": torch.tensor(row)}
+
+
+def split_corpus(size: int, heldout: int, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded split of ``size`` caption rows into (train, heldout), both sorted."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7_919 + 1)).tolist()
+    return sorted(order[heldout:]), sorted(order[:heldout])
+
+
+def encode_captions(config: StageConfig, batch_size: int = 32) -> CaptionSet:
+    """Build the corpus of ``config.distil`` and encode it with CLAP's text tower and the
+    checkpoint's CLIP-L (float32 CLAP, float16-stored CLIP states to halve the memory)."""
+    from ..clap import load_clap_tower
+    from .encoders import load_text_encoder
+
+    d = config.distil
+    extra = read_caption_file(d.captions) if d.captions else []
+    captions = [c.text for c in build_corpus(d.corpus_size, d.corpus_seed, extra)]
+    clap = load_clap_tower(d.clap, "text")
+    clap_rows = [clap.encode_text(captions[i:i + batch_size]).float().clone() for i in range(0, len(captions), batch_size)]
+    del clap
+    clip = load_text_encoder(config.sd15, d.tokenizer)
+    text_rows = [clip(captions[i:i + batch_size])[0].half() for i in range(0, len(captions), batch_size)]
+    neutral = clip([""])[0].float()
+    train, heldout = split_corpus(len(captions), d.heldout, d.corpus_seed)
+    return CaptionSet(captions, F.normalize(torch.cat(clap_rows), dim=-1), torch.cat(text_rows), neutral,
+                      train, heldout)
+
+
+# ------------------------------------------------------------------------------------------------
+# the sampler's grid
+
+
+def ddim_grid(steps: int, train_steps: int = 1000) -> torch.Tensor:
+    """``[steps]`` timesteps from ``train_steps - 1`` down to 0, evenly spaced (long)."""
+    return torch.linspace(train_steps - 1, 0, steps).round().long()
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, alpha_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step (eta 0) of an epsilon model: ``x [B, ...]`` at cumulative alpha
+    ``alpha [B]`` -> the state at ``alpha_next [B]`` (1 = the clean estimate)."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    a, a_next = alpha.view(shape).to(x), alpha_next.view(shape).to(x)
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+
+# ------------------------------------------------------------------------------------------------
+# the module the trainer prepares
+
+
+class DistilModule(nn.Module):
+    """The distillation step; the trainer's interface of :class:`.stages.StageModule`
+    (``draw``, ``forward(batch, temperature) -> (loss, terms, stats)``). Parameters: the model's."""
+
+    def __init__(self, model: CLAP2DiffusionModel, config: StageConfig, frozen: FrozenUNet,
+                 neutral: torch.Tensor) -> None:
+        super().__init__()
+        if frozen is None or frozen.hook is None or model.adapter is None:
+            raise ValueError("the distillation needs the frozen UNet with the adapter attached")
+        if frozen.scheduler.config.prediction_type != "epsilon":
+            raise ValueError(f"the distillation's DDIM walk expects an epsilon model, not "
+                             f"{frozen.scheduler.config.prediction_type!r}")
+        self.model = model
+        self.distil = config.distil
+        self.audio_dropout = config.loss.audio_dropout
+        self.frozen = frozen  # a plain holder: not a submodule (not saved, not all-reduced)
+        self.register_buffer("neutral", neutral.float(), persistent=False)  # [1, 77, C]
+        train_steps = frozen.scheduler.config.num_train_timesteps
+        self.register_buffer("grid", ddim_grid(config.distil.sampler_steps, train_steps), persistent=False)
+        self.register_buffer("alphas", frozen.scheduler.alphas_cumprod.float().clone(), persistent=False)
+
+    # ---- randomness
+
+    def draw(self, batch: dict[str, torch.Tensor], generator: torch.Generator, part: tuple[int, int] = (0, 1),
+             evaluation: bool = False) -> dict[str, torch.Tensor]:
+        """This micro-batch's randomness, drawn for the global batch (``part = (rank, world)``) and
+        sliced: ``noise [B, 4, s, s]``, ``steps [B]`` (teacher steps, 0 = pure noise),
+        ``pure_t [B]``, ``bridge [B, 512]`` (unit Gaussian, scaled in forward), ``drop_audio [B]``.
+        ``evaluation``: no gap-bridging noise, no dropped rows."""
+        d, unet = self.distil, self.frozen.unet
+        b, (rank, world) = batch["clap"].shape[0], part
+        n = b * world
+        train_steps = self.frozen.scheduler.config.num_train_timesteps
+        size = d.latent_size
+        drawn = {
+            "noise": torch.randn((n, unet.config.in_channels, size, size), generator=generator),
+            "steps": torch.randint(1, d.teacher_steps + 1, (n,), generator=generator),
+            "pure": torch.rand(n, generator=generator) < d.pure_noise,
+            "pure_t": torch.randint(min(d.pure_noise_min_t, train_steps - 1), train_steps, (n,), generator=generator),
+            "bridge": torch.randn((n, batch["clap"].shape[-1]), generator=generator),
+            "drop_audio": torch.rand(n, generator=generator) < self.audio_dropout,
+        }
+        drawn["steps"] = torch.where(drawn.pop("pure"), 0, drawn["steps"])
+        if evaluation:
+            drawn["bridge"].zero_()
+            drawn["drop_audio"].zero_()
+        return {k: v[rank * b:(rank + 1) * b] for k, v in drawn.items()}
+
+    # ---- teacher
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        f = self.frozen
+        return f.unet(x.to(f.dtype), t, encoder_hidden_states=context.to(f.dtype)).sample.float()
+
+    @torch.no_grad()
+    def teacher(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(u + g (c - u), u)``: the teacher's prediction and the neutral one (None when ``g`` is 1,
+        where the neutral prediction is not needed for it)."""
+        g = self.distil.guidance_scale
+        if g == 1.0:
+            return self._unet(x, t, text), None
+        neutral = self.neutral.expand(x.shape[0], -1, -1)
+        u, c = self._unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([neutral, text])).chunk(2)
+        return u + g * (c - u), u
+
+    @torch.no_grad()
+    def states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x [B, 4, s, s], t [B], target [B, 4, s, s])``: each row's state (the teacher's after
+        ``steps`` DDIM steps from ``noise``, or the noise itself at ``pure_t``), its timestep, and the
+        target there (the teacher's prediction; the neutral one for rows with dropped audio)."""
+        x, steps, text = batch["noise"].float(), batch["steps"], batch["text"]
+        grid, alphas = self.grid, self.alphas
+        for k in range(int(steps.max())):
+            t = grid[k].expand(x.shape[0])
+            eps, _ = self.teacher(x, t, text)
+            stepped = ddim_step(x, eps, alphas[t], alphas[grid[k + 1]].expand(x.shape[0]))
+            x = torch.where((steps > k).view(-1, 1, 1, 1), stepped, x)
+        t = torch.where(steps == 0, batch["pure_t"], grid[steps])
+        target, neutral = self.teacher(x, t, text)
+        drop = batch["drop_audio"]
+        if bool(drop.any()):
+            if neutral is None:
+                neutral = self._unet(x, t, self.neutral.expand(x.shape[0], -1, -1))
+            target = torch.where(drop.view(-1, 1, 1, 1), neutral, target)
+        return x, t, target
+
+    # ---- student
+
+    def tokens(self, clap: torch.Tensor, temperature: float | None) -> torch.Tensor:
+        """``clap [B, 512]`` -> audio tokens ``[B, N, C]`` (with gradient)."""
+        return self.model.projector(self.model.decomposer(clap, temperature))
+
+    def student(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The UNet on the neutral prompt with ``tokens [B | 1, N, C]`` through the adapter."""
+        f = self.frozen
+        with f.hook.audio(tokens, self.model.projector.token_levels):
+            return self._unet(x, t, self.neutral.expand(x.shape[0], -1, -1))
+
+    def forward(self, batch: dict[str, torch.Tensor], temperature: float
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``batch``: ``clap [B, 512]``, ``text [B, 77, C]`` and :meth:`draw`'s tensors.
+        Returns ``(loss, {"distil": loss}, stats)`` as ``StageModule`` does."""
+        x, t, target = self.states(batch)
+        scale = self.distil.bridge_noise / math.sqrt(batch["clap"].shape[-1])
+        clap = F.normalize(batch["clap"].float() + scale * batch["bridge"].float(), dim=-1)
+        levels = self.model.decomposer(clap, temperature)
+        tokens = self.model.projector(levels)
+        if self.audio_dropout:
+            silence = self.model.silence_tokens(temperature)
+            tokens = torch.where(batch["drop_audio"][:, None, None], silence, tokens)
+        loss = losses.diffusion_mse(self.student(x, t, tokens), target)
+        with torch.no_grad():
+            stats = {
+                "level_usage": levels.level_usage().mean(0),
+                "level_weights": levels.level_weights.mean(0),
+                "token_norm": tokens.norm(dim=-1).mean(),
+                "gates": self.model.adapter.gates(),
+            }
+        return loss, {"distil": loss}, stats
+
+
+def heldout_gain(heldout_losses: Sequence[tuple[int, dict[str, float]]]) -> float:
+    """``1 - last / first`` of the held-out distillation loss (see the module docstring)."""
+    first, last = heldout_losses[0][1]["distil"], heldout_losses[-1][1]["distil"]
+    return 1.0 - last / first if first > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# validation grid
+
+
+@torch.no_grad()
+def sample_columns(module: DistilModule, clap: torch.Tensor, text: torch.Tensor, temperature: float,
+                   steps: int, guidance: float, seed: int) -> torch.Tensor:
+    """``[3, n, 4, s, s]`` latents for ``n`` captions: teacher (text), student (neutral prompt +
+    audio tokens of ``clap [n, 512]``), neutral prompt alone; the same seeded noise, DDIM with CFG
+    ``guidance`` (uncond: the neutral prompt; the student's with the silence tokens, as ComfyUI's)."""
+    n, size = clap.shape[0], module.distil.latent_size
+    channels = module.frozen.unet.config.in_channels
+    noise = torch.randn((n, channels, size, size), generator=torch.Generator().manual_seed(seed)).to(clap.device)
+    neutral = module.neutral.expand(n, -1, -1)
+    audio = module.tokens(clap, temperature)
+    silence = module.model.silence_tokens(temperature).expand(n, -1, -1)
+    grid = ddim_grid(steps, module.frozen.scheduler.config.num_train_timesteps).to(clap.device)
+    alphas = module.alphas
+    out = []
+    for column in ("teacher", "student", "neutral"):
+        x = noise.clone()
+        for k in range(steps):
+            t = grid[k].expand(2 * n)
+            xx = torch.cat([x, x])
+            if column == "student":
+                with module.frozen.hook.audio(torch.cat([silence, audio]), module.model.projector.token_levels):
+                    u, c = module._unet(xx, t, torch.cat([neutral, neutral])).chunk(2)
+            else:
+                u, c = module._unet(xx, t, torch.cat([neutral, text if column == "teacher" else neutral])).chunk(2)
+            eps = u + guidance * (c - u)
+            a_next = alphas[grid[k + 1]] if k + 1 < steps else torch.ones((), device=x.device)
+            x = ddim_step(x, eps, alphas[grid[k]].expand(n), a_next.expand(n))
+        out.append(x)
+    return torch.stack(out)
+
+
+def grid_image(images: torch.Tensor) -> torch.Tensor:
+    """``[3, n, 3, H, W]`` in [-1, 1] -> ``[3, n*H, 3*W]`` in [0, 1]: a row per caption, columns
+    teacher / student / neutral."""
+    columns, n, c, h, w = images.shape
+    return ((images.permute(2, 1, 3, 0, 4).reshape(c, n * h, columns * w) + 1) / 2).clamp(0, 1)
+
+
+def validation_grid(module: DistilModule, captions: CaptionSet, decoder, temperature: float, folder: Path,
+                    step: int) -> tuple[Path, torch.Tensor]:
+    """Sample and write ``folder/step-<n>.png`` (and ``captions.json`` naming its rows); returns the
+    path and the ``[3, H, W]`` image in [0, 1]."""
+    from PIL import Image
+
+    d = module.distil
+    rows = captions.heldout[:d.grid_captions]
+    device = module.neutral.device
+    clap = captions.clap[rows].to(device)
+    text = captions.text[rows].float().to(device)
+    was_training = module.training
+    module.eval()
+    try:
+        latents = sample_columns(module, clap, text, temperature, d.grid_steps, d.grid_guidance, d.grid_seed)
+    finally:
+        module.train(was_training)
+    pixels = decoder(latents.flatten(0, 1)).float().cpu()
+    image = grid_image(pixels.view(3, len(rows), *pixels.shape[1:]))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:06d}.png"
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    Image.fromarray(array).save(path)
+    (folder / "captions.json").write_text(json.dumps(
+        {"rows": [captions.captions[r] for r in rows], "columns": ["teacher (text)", "student (audio from the "
+         "caption's CLAP text embedding)", "neutral prompt"], "guidance": d.grid_guidance, "steps": d.grid_steps},
+        indent=2))
+    return path, image
+
+
+def grid_difference(path: str | os.PathLike, rows: int) -> dict[str, float]:
+    """Mean absolute pixel differences (0..255) in a validation grid: ``student_teacher``,
+    ``neutral_teacher`` and ``student_neutral``; the student closer to the teacher than the neutral
+    prompt is shows the audio doing the text's work."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(path).convert("RGB")).astype(float)
+    w = a.shape[1] // 3
+    teacher, student, neutral = a[:, :w], a[:, w:2 * w], a[:, 2 * w:3 * w]
+    return {"student_teacher": float(np.abs(student - teacher).mean()),
+            "neutral_teacher": float(np.abs(neutral - teacher).mean()),
+            "student_neutral": float(np.abs(student - neutral).mean()), "rows": rows}
