@@ -63,6 +63,29 @@ class ModelConfig:
         )
 
 
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``x [B, F]`` -> ``(first [U], inverse [B])``: the first row of each distinct value and, per
+    row, its distinct row (``x[first][inverse] == x``); ``(None, None)`` when all rows differ.
+
+    A batch of 8 rows and a batch of 1 take different CPU matrix kernels (results differ in the
+    last bits), so the modules run on the distinct rows only: equal inputs give bitwise equal
+    outputs, whatever else is in the batch (a constant sound's frames, a sound shared by latents).
+    """
+    if x.shape[0] < 2:
+        return None, None
+    _, inverse = torch.unique(x, dim=0, return_inverse=True)
+    count = int(inverse.max()) + 1
+    if count == x.shape[0]:
+        return None, None
+    order = torch.arange(x.shape[0], device=x.device)
+    first = torch.full((count,), x.shape[0], dtype=torch.long, device=x.device)
+    first = first.scatter_reduce(0, inverse, order, reduce="amin")
+    # Renumber by first appearance, so row i of the distinct batch is the i-th new value met.
+    rank = torch.empty_like(first)
+    rank[first.argsort()] = torch.arange(count, device=x.device)
+    return first.sort().values, rank[inverse]
+
+
 class CLAP2DiffusionModel(nn.Module):
     """Decomposer + projector (+ the gated audio cross-attention adapter after stage 2).
 
@@ -96,7 +119,18 @@ class CLAP2DiffusionModel(nn.Module):
     @torch.no_grad()
     def encode(self, clap_embeds: torch.Tensor, temperature: float | None = None) -> AudioLevels:
         """``clap_embeds [B, clap_dim]`` -> AudioLevels (inference: no grad)."""
-        levels = self.decomposer(clap_embeds.to(self.device, torch.float32), temperature)
+        embeds = clap_embeds.to(self.device, torch.float32)
+        first, inverse = distinct_rows(embeds)
+        if first is None:
+            levels = self.decomposer(embeds, temperature)
+        else:  # each distinct embedding once (see distinct_rows), then one row per input row
+            levels = self.decomposer(embeds[first], temperature)
+            levels = replace(
+                levels,
+                tokens=levels.tokens[inverse],
+                assignment=levels.assignment[inverse],
+                level_weights=levels.level_weights[inverse],
+            )
         return replace(levels, source=self.fingerprint)
 
     def silence_tokens(self, temperature: float | None = None) -> torch.Tensor:
@@ -117,8 +151,20 @@ class CLAP2DiffusionModel(nn.Module):
                 f"than the one given to Audio Project ({self.name or 'fingerprint'} {self.fingerprint}): wire "
                 "the same CLAP2Diffusion Loader into Hierarchical Decompose and Audio Project."
             )
+        flat = [levels.tokens, levels.assignment, levels.level_weights]
+        first, inverse = distinct_rows(torch.cat([t.reshape(t.shape[0], -1) for t in flat], dim=1))
+        if first is None:
+            tokens = self.projector(levels)
+        else:
+            unique = replace(
+                levels,
+                tokens=levels.tokens[first],
+                assignment=levels.assignment[first],
+                level_weights=levels.level_weights[first],
+            )
+            tokens = self.projector(unique)[inverse]
         return AudioTokens(
-            tokens=self.projector(levels),
+            tokens=tokens,
             token_levels=self.projector.token_levels.clone(),
             level_scale=levels.level_scale.clone(),
             source=self.fingerprint,

@@ -16,6 +16,7 @@ Pure PyTorch; never imports ComfyUI.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -176,7 +177,12 @@ def encode_frames(
 
     ``num_frames`` defaults to the sound's length at ``fps``; a longer clip holds the last
     window. Windows are encoded ``batch_size`` at a time as they are cut; ``progress(done,
-    total)`` runs before each batch and at the end.
+    total)`` runs before each batch and at the end (window positions, ``total`` of them).
+
+    Each *distinct* window is encoded once: frames whose windows hold bitwise the same samples
+    (slid to the same place at the ends, or a sound that repeats) share one row, bitwise. So a
+    constant sound's frames are exactly the row CLAP Encode gives for that window, whatever the
+    batch: CPU matrix kernels for a batch of 8 and a batch of 1 differ in the last bits.
     """
     if waveform.ndim == 2:
         waveform = waveform.unsqueeze(0)
@@ -184,36 +190,52 @@ def encode_frames(
     if num_frames is None:
         num_frames = frame_count(total / CLAP_SAMPLE_RATE, fps)
     plan = plan_frames(num_frames, fps, total, window_seconds, stride)
-    # Frames whose windows were slid to the same place (near the ends) share one encode.
-    starts = sorted(set(plan.starts))
+    starts = sorted(set(plan.starts))  # frames slid to the same place read one window
     windows = plan_windows(plan, mono_blocks(waveform, sample_rate), starts)
     b = waveform.shape[0]
-    rows: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []  # per batch: [B, n, D]
     batch: list[torch.Tensor] = []
-    done = 0
+    row_of_digest: dict[bytes, int] = {}  # window content -> its row among the distinct windows
+    row_of_start: dict[int, int] = {}
+    visited = batch_from = 0  # window positions read; positions read when the pending batch began
 
     def flush() -> None:
-        nonlocal done
         if progress is not None:
-            progress(done, len(starts))
+            progress(batch_from, len(starts))
         stacked = torch.stack(batch, dim=1)  # [B, n, 480000]
         n = stacked.shape[1]
         rows.append(encode(stacked.reshape(b * n, -1)).detach().float().cpu().reshape(b, n, -1))
-        done += n
         batch.clear()
 
-    for window in windows:
-        batch.append(window)
-        if len(batch) * b >= batch_size:
-            flush()
+    for start, window in zip(starts, windows):
+        digest = window_digest(window)
+        row = row_of_digest.get(digest)
+        if row is None:
+            if not batch:
+                batch_from = visited
+            row = row_of_digest[digest] = len(row_of_digest)
+            batch.append(window)
+            if len(batch) * b >= batch_size:
+                flush()
+        row_of_start[start] = row
+        visited += 1
     if batch:
         flush()
     if progress is not None:
-        progress(done, len(starts))
-    unique = F.normalize(torch.cat(rows, dim=1), dim=-1)  # [B, U, D]
-    row_of = {start: row for row, start in enumerate(starts)}
-    anchor_embeds = unique[:, [row_of[start] for start in plan.starts]]  # [B, A, D]
+        progress(len(starts), len(starts))
+    # Already L2-normalised by the encoder: normalising again would move the last bits away from
+    # what CLAP Encode gives for the same window.
+    distinct = torch.cat(rows, dim=1)  # [B, U, D]
+    anchor_embeds = distinct[:, [row_of_start[start] for start in plan.starts]]  # [B, A, D]
     return interpolate_anchors(anchor_embeds, plan.anchors, num_frames)
+
+
+def window_digest(window: torch.Tensor) -> bytes:
+    """A 256-bit digest of a window's samples (dtype, shape and bytes): equal only for equal windows."""
+    data = window.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(f"{data.dtype}{tuple(data.shape)}".encode(), digest_size=32)
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.digest()
 
 
 def interpolate_anchors(embeds: torch.Tensor, anchors: list[int], num_frames: int) -> torch.Tensor:

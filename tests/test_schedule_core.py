@@ -140,6 +140,72 @@ def test_schedule_tokens_switch_with_the_frames(frame_embeds: torch.Tensor) -> N
 
 
 # --------------------------------------------------------------------------------------------
+# Identical frames are bitwise identical, whatever the batch (the pixel-exact constant sound)
+
+TILE = CLAP_SAMPLE_RATE // 2  # 0.5 s: at 2 fps with 0.5 s windows, frame i hears tile i exactly
+
+
+def _tiled(*tiles: torch.Tensor) -> torch.Tensor:
+    """``[1, 1, T]`` at 48 kHz: the 0.5 s tiles in order."""
+    return torch.cat(tiles)[None, None]
+
+
+@pytest.fixture(scope="module")
+def tiles() -> tuple[torch.Tensor, torch.Tensor]:
+    sound = rain_then_thunder(CLAP_SAMPLE_RATE)[0, 0]
+    return sound[:TILE], sound[10 * CLAP_SAMPLE_RATE : 10 * CLAP_SAMPLE_RATE + TILE]
+
+
+def test_schedule_a_window_heard_by_several_frames_is_encoded_once(tiles) -> None:
+    rain, thunder = tiles
+    clap = StandInClap()
+    sound = _tiled(rain, rain, thunder, rain, thunder, thunder, rain, rain)
+    embeds = timeline.encode_frames(clap.encode_windows, sound, CLAP_SAMPLE_RATE, fps=2, window_seconds=0.5)[0]
+    assert clap.windows_seen == 2  # two distinct windows for eight frames
+    for frame, tile in enumerate("rrtrttrr"):
+        assert torch.equal(embeds[frame], embeds[0] if tile == "r" else embeds[2])
+
+
+def test_schedule_constant_sound_frames_are_bitwise_the_clap_encode_of_its_window(tiles) -> None:
+    """A constant sound's 8 frames are exactly what CLAP Encode gives for one window of it: encoded as
+    a batch (4 at a time) they would differ from a batch of 1 in the last bits."""
+    from clap_support import small_config
+    from transformers import ClapModel
+
+    from clap2diffusion_core.clap import ClapEncoder
+
+    torch.manual_seed(0)
+    tower = ClapEncoder(ClapModel(small_config()).eval()).audio
+    rain = tiles[0]
+    with torch.inference_mode():
+        frames = timeline.encode_frames(tower.encode_windows, _tiled(*[rain] * 8), CLAP_SAMPLE_RATE, fps=2,
+                                        window_seconds=0.5, batch_size=4)[0]  # fmt: skip
+        single = tower.embed(rain[None, None], CLAP_SAMPLE_RATE, "first")  # [1, 512], the unscheduled path
+    assert frames.shape == (8, 512)
+    assert all(torch.equal(row, single[0]) for row in frames)
+
+
+def test_schedule_equal_embeddings_give_bitwise_equal_tokens_whatever_the_batch() -> None:
+    """Decompose and Project run once per distinct row: a constant sound's 8 frames give exactly the
+    tokens of that sound alone (a batch of one), and frames of one sound in a mixed batch are
+    bitwise equal to each other. (Rows of two sounds are a batch of two distinct rows, which CPU
+    kernels compute in other last bits than a batch of one: equal within float rounding only.)"""
+    model = random_model()
+    sounds = F.normalize(torch.randn(2, model.config.decomposer.clap_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    constant = model.project(model.encode(sounds[[0] * 8])).tokens  # [8, 77, 768]
+    alone = model.project(model.encode(sounds[:1])).tokens[0]
+    assert all(torch.equal(row, alone) for row in constant)
+
+    mixed = model.project(model.encode(sounds[[0, 0, 0, 0, 1, 1, 1, 1]])).tokens
+    for frame in range(8):
+        assert torch.equal(mixed[frame], mixed[0 if frame < 4 else 4]), f"frame {frame}"
+        alone = model.project(model.encode(sounds[frame // 4][None])).tokens[0]
+        torch.testing.assert_close(mixed[frame], alone, rtol=1e-5, atol=1e-4)
+    levels = model.encode(sounds[[1, 0, 1]])  # distinct rows keep their places
+    assert torch.equal(levels.tokens[0], levels.tokens[2]) and not torch.equal(levels.tokens[0], levels.tokens[1])
+
+
+# --------------------------------------------------------------------------------------------
 # Prompt schedule
 
 
