@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import AudioAdapter
+from .errors import FrameBatchError
 
 #: ComfyUI's marker for the rows of a batch chunk: 0 positive (cond), 1 negative (uncond).
 COND, UNCOND = 0, 1
@@ -45,25 +46,58 @@ def add_audio(
     return text_hidden + audio_attention(q, key, value)
 
 
-def repeat_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``x [b, ...]`` -> ``[rows, ...]``: repeated then truncated, as ComfyUI fits conds to a batch."""
-    b = x.shape[0]
-    if b == rows:
-        return x
-    if b == 1:
-        return x.expand(rows, *x.shape[1:])
-    return x.repeat(-(-rows // b), *([1] * (x.ndim - 1)))[:rows]
+def frame_mismatch(num_rows: int, latents: int, where: str = "the latent batch") -> FrameBatchError:
+    """The error of ``num_rows`` per-frame token rows sampled with ``latents`` latents."""
+    return FrameBatchError(
+        f"Apply Audio to Model: the audio tokens have {num_rows} rows, one per frame, but {where} has "
+        f"{latents} latents. Latent i hears row i, so the counts must be equal: give the Empty Latent "
+        f"Image a batch_size of {num_rows} (wire CLAP Encode Frames' 'frames' output into it), or set "
+        "CLAP Encode Frames' 'frames' to the batch size. Tokens with one row (CLAP Encode) suit any batch. "
+        "With context windows (core Context Windows, AnimateDiff-Evolved context options) the rows still "
+        "cover the whole batch, and each window hears its own frames' rows."
+    )
+
+
+def frame_rows(num_rows: int, chunk: int, window: Sequence[int] | None = None) -> list[int] | None:
+    """Which token row each latent of a UNet call's batch chunk hears.
+
+    ``num_rows`` token rows (one per frame, or 1 for all), ``chunk`` latents per cond/uncond chunk of
+    the call, ``window``: the indices in the whole batch of the latents in this call, when a
+    context-window sampler runs a window of them (None otherwise). Returns the row per latent, or
+    None when that is row i for latent i (or the one shared row). Raises :class:`FrameBatchError`
+    where no row can be named: ComfyUI would silently repeat or cut the rows.
+    """
+    if num_rows == 1:
+        return None
+    if window is not None and len(window) == chunk:
+        rows = [int(i) for i in window]
+        if max(rows) >= num_rows:
+            raise frame_mismatch(num_rows, max(rows) + 1, "the batch being sampled in context windows")
+        return None if rows == list(range(num_rows)) else rows
+    if chunk != num_rows:
+        raise frame_mismatch(num_rows, chunk, "a UNet call (the sampler split the batch in a way this pack cannot map)")
+    return None
 
 
 def rows_for_chunks(
-    cond: torch.Tensor, uncond: torch.Tensor, cond_or_uncond: Sequence[int], chunk: int
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    cond_or_uncond: Sequence[int],
+    chunk: int,
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Stack per-row audio for a batch made of ``len(cond_or_uncond)`` chunks of ``chunk`` rows.
 
-    ``cond [Bc, ...]`` (one sound or one per latent), ``uncond [1, ...]`` (silence);
-    ``cond_or_uncond`` lists the chunks in batch order, e.g. ``[1, 0]`` or ``[0]``.
+    ``cond [Bc, ...]`` (one sound, or one row per frame), ``uncond [1, ...]`` (silence);
+    ``cond_or_uncond`` lists the chunks in batch order, e.g. ``[1, 0]`` or ``[0]``; ``rows``: the
+    cond row of each latent (:func:`frame_rows`; None: row i, or the one row, for every latent).
+    Every chunk holds the same latents in the same order (ComfyUI concatenates whole conds).
     """
-    parts = [repeat_rows(uncond if c == UNCOND else cond, chunk) for c in cond_or_uncond]
+    if rows is not None:
+        cond = cond[list(rows)]
+    if cond.shape[0] not in (1, chunk):
+        raise frame_mismatch(cond.shape[0], chunk)
+    parts = [(uncond if c == UNCOND else cond).expand(chunk, *cond.shape[1:]) for c in cond_or_uncond]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -123,10 +157,12 @@ class AudioKV(nn.Module):
         chunk: int,
         device: torch.device,
         dtype: torch.dtype,
+        rows: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row ``(key, value) [len(cond_or_uncond) * chunk, H, N, d]`` for one slot."""
+        """Per-row ``(key, value) [len(cond_or_uncond) * chunk, H, N, d]`` for one slot; ``rows``:
+        the token row of each latent (:func:`frame_rows`), for a context window of the frames."""
         memo_key = (slot, tuple(cond_or_uncond), chunk, device, dtype)
-        hit = self._memo.get(memo_key)
+        hit = self._memo.get(memo_key) if rows is None else None
         if hit is not None:
             return hit
         s = self.slots[slot]
@@ -136,10 +172,12 @@ class AudioKV(nn.Module):
                 getattr(s, f"{p}_uncond").to(device, dtype),
                 cond_or_uncond,
                 chunk,
+                rows,
             ).contiguous()
             for p in ("k", "v")
         )
-        self._memo[memo_key] = kv  # type: ignore[assignment]
+        if rows is None:  # windows change from call to call: gathered each time, not kept
+            self._memo[memo_key] = kv  # type: ignore[assignment]
         return kv  # type: ignore[return-value]
 
     def clear_memo(self) -> None:

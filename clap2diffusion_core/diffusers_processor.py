@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import AdapterLayer, AudioAdapter, canonical_order
-from .audio_attention import add_audio, repeat_rows
+from .audio_attention import add_audio
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -134,7 +134,7 @@ class AudioAttnProcessor:
             if key.shape[0] != batch:
                 if key.shape[0] != 1:
                     raise ValueError(f"audio tokens for {key.shape[0]} rows, but the UNet batch has {batch}")
-                key, value = repeat_rows(key, batch), repeat_rows(value, batch)
+                key, value = key.expand(batch, *key.shape[1:]), value.expand(batch, *value.shape[1:])
             out = add_audio(out, q, key.to(q.dtype), value.to(q.dtype))
 
         out = attn.to_out[1](attn.to_out[0](out))

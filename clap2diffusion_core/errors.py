@@ -69,3 +69,8 @@ class CorpusError(Clap2DiffusionError):
 
 class TextEncoderError(Clap2DiffusionError):
     """A text encoder (ComfyUI CLIP object) the text fit cannot serve; the message names it."""
+
+
+class FrameBatchError(WiringError):
+    """Per-frame audio tokens whose row count does not match the latents they are sampled with (row i
+    is for latent i); the message says which counts to make equal."""

@@ -23,7 +23,12 @@ class ApplyAudioToConditioning(io.ComfyNode):
                     "conditioning",
                     tooltip="Usually the positive prompt from CLIP Text Encode.",
                 ),
-                types.AudioTokens.Input("audio_tokens", tooltip="From Audio Project or Load Audio Tokens."),
+                types.AudioTokens.Input(
+                    "audio_tokens",
+                    tooltip="From Audio Project or Load Audio Tokens. One row for every latent, or one row per "
+                    "frame (CLAP Encode Frames): then latent i hears row i, and the latent batch must have as "
+                    "many latents as rows (ComfyUI repeats or cuts rows to fit, without a word).",
+                ),
                 io.Float.Input(
                     "strength",
                     default=1.0,

@@ -27,7 +27,9 @@ class ApplyAudioToModel(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SD1.5-family MODEL, e.g. from Load Checkpoint or a LoRA loader."),
                 types.AudioTokens.Input(
                     "audio_tokens",
-                    tooltip="From Audio Project or Load Audio Tokens, made by the CLAP2Diffusion file wired below.",
+                    tooltip="From Audio Project or Load Audio Tokens, made by the CLAP2Diffusion file wired below. "
+                    "One row for every latent, or one row per frame (CLAP Encode Frames): then latent i hears "
+                    "row i, and the latent batch must have as many latents as rows (checked before sampling).",
                 ),
                 # Optional only so that a graph saved before this input existed gets a message that says
                 # what to connect, not a bare "required input missing".

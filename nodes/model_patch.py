@@ -50,7 +50,7 @@ from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..clap2diffusion_core.adapters import AdapterLayer, AudioAdapter, canonical_order
-from ..clap2diffusion_core.audio_attention import COND, AudioKV, add_audio
+from ..clap2diffusion_core.audio_attention import COND, AudioKV, add_audio, frame_mismatch, frame_rows
 from ..clap2diffusion_core.errors import AudioNotReachedError, CheckpointError, ModelMismatchError
 from ..clap2diffusion_core.model import CLAP2DiffusionModel
 from ..clap2diffusion_core.types import AudioTokens
@@ -156,6 +156,30 @@ def text_attention(
 
 
 # ------------------------------------------------------------------------------------------------
+# context windows: which frames a UNet call holds
+
+
+def frame_window(options: dict) -> list[int] | None:
+    """The indices, in the whole batch of frames, of the latents a context-window sampler put in
+    this UNet call; None when the call holds the whole batch (or nothing says otherwise).
+
+    Read where the two samplers that window SD1.5 frames publish them in ``transformer_options``:
+    core's Context Windows (``comfy/context_windows.py``: ``"context_window"``, an
+    ``IndexListContextWindow``; batch dimension 0 only) and AnimateDiff-Evolved's context options
+    (``"ad_params"["sub_idxs"]``, None outside sliding windows).
+    """
+    window = options.get("context_window")
+    if window is not None and getattr(window, "dim", 0) == 0:
+        indices = getattr(window, "index_list", None)
+        if indices is not None:
+            return list(indices)
+    ad_params = options.get("ad_params")
+    if isinstance(ad_params, dict) and ad_params.get("sub_idxs") is not None:
+        return list(ad_params["sub_idxs"])
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
 # the injection (one per Apply Audio to Model) and its per-layer patch
 
 
@@ -252,6 +276,9 @@ class AudioInjection:
                 f"{type(options).__name__}); this ComfyUI calls the UNet in a way this version of the pack "
                 "does not know. Update the pack, or use Apply Audio to Conditioning."
             )
+        x = args[0] if args else kwargs.get("x")
+        if isinstance(x, torch.Tensor) and self.kv.num_rows > 1:  # before the UNet does any work
+            frame_rows(self.kv.num_rows, x.shape[0] // len(options.get("cond_or_uncond") or [COND]), frame_window(options))
         options = self.compose(options, executor.class_obj)
         if positional:
             args = (*args[:5], options, *args[6:])
@@ -263,6 +290,14 @@ class AudioInjection:
         out = executor(*args, **kwargs)
         self.check_reached(options)
         return out
+
+    def outer_sample(self, executor: Any, noise: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """OUTER_SAMPLE wrapper: per-frame tokens must have one row per latent, checked before the
+        first step (the latent batch is first known here)."""
+        rows = self.kv.num_rows
+        if rows > 1 and not getattr(noise, "is_nested", False) and noise.shape[0] != rows:
+            raise frame_mismatch(rows, noise.shape[0])
+        return executor(noise, *args, **kwargs)
 
     def compose(self, options: dict, unet: torch.nn.Module) -> dict:
         """A shallow copy of ``options`` whose attn2 table holds our patch at each of our layers."""
@@ -332,7 +367,10 @@ class AudioAttn2Patch:
         if not injection.active(extra_options.get("sigmas")):
             return out
         chunks = extra_options.get("cond_or_uncond") or [COND]
-        key, value = injection.kv.batch(self.slot, chunks, q.shape[0] // len(chunks), q.device, q.dtype)
+        chunk = q.shape[0] // len(chunks)
+        kv = injection.kv
+        rows = None if kv.num_rows == 1 else frame_rows(kv.num_rows, chunk, frame_window(extra_options))
+        key, value = kv.batch(self.slot, chunks, chunk, q.device, q.dtype, rows)
         return add_audio(out, q, key, value)
 
     def __repr__(self) -> str:
@@ -416,6 +454,9 @@ def apply_audio_to_model(
     # calls the UNet with the MODEL's transformer_options outside a sampler.
     comfy.patcher_extension.add_wrapper_with_key(
         WrappersMP.DIFFUSION_MODEL, CALLBACK_KEY, injection, patched.model_options, is_model_options=True
+    )
+    comfy.patcher_extension.add_wrapper_with_key(
+        WrappersMP.OUTER_SAMPLE, CALLBACK_KEY, injection.outer_sample, patched.model_options, is_model_options=True
     )
     patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, injection.pre_run)
     patched.set_additional_models(

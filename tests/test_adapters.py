@@ -16,8 +16,15 @@ from clap2diffusion_core.adapters import (
     AudioAdapter,
     adapter_parameter_count,
 )
-from clap2diffusion_core.audio_attention import AudioKV, audio_attention, repeat_rows, rows_for_chunks
+from clap2diffusion_core.audio_attention import (
+    AudioKV,
+    audio_attention,
+    frame_mismatch,
+    frame_rows,
+    rows_for_chunks,
+)
 from clap2diffusion_core.checkpoint import CheckpointError, load_checkpoint
+from clap2diffusion_core.errors import FrameBatchError
 from clap2diffusion_core.levels import LEVELS
 from clap2diffusion_core.testing import TINY_SD15_LAYERS, adapter_config, random_checkpoint, random_model
 
@@ -162,11 +169,30 @@ def test_rows_follow_cond_or_uncond_in_any_order():
     assert rows_for_chunks(cond, uncond, [1, 0], 2).flatten().tolist() == [0, 0, 1, 2]
     assert rows_for_chunks(cond, uncond, [0, 1], 2).flatten().tolist() == [1, 2, 0, 0]
     assert rows_for_chunks(cond, uncond, [0], 2).flatten().tolist() == [1, 2]
-    assert rows_for_chunks(cond, uncond, [0, 0, 1], 1).flatten().tolist() == [1, 1, 0]
-    # one sound for a batch of latents; more sounds than latents are cut, fewer are cycled
-    assert repeat_rows(torch.tensor([[5.0]]), 3).flatten().tolist() == [5, 5, 5]
-    assert repeat_rows(torch.arange(3.0)[:, None], 2).flatten().tolist() == [0, 1]
-    assert repeat_rows(torch.arange(2.0)[:, None], 3).flatten().tolist() == [0, 1, 0]
+    # one sound for a batch of latents
+    assert rows_for_chunks(uncond + 5, uncond, [0, 1], 3).flatten().tolist() == [5, 5, 5, 0, 0, 0]
+    # a context window of the frames: the latents of this call hear their own rows
+    frames = torch.arange(6.0)[:, None] + 1
+    assert rows_for_chunks(frames, uncond, [1, 0], 2, rows=[4, 5]).flatten().tolist() == [0, 0, 5, 6]
+    # rows that do not match the latents are never repeated or cut
+    with pytest.raises(FrameBatchError):
+        rows_for_chunks(cond, uncond, [0, 0, 1], 1)
+
+
+def test_frame_rows_name_the_row_of_each_latent_or_refuse():
+    """Row i is for latent i; a window picks its frames' rows; any other count is an error that says
+    which counts to make equal (ComfyUI would repeat or cut the rows without a word)."""
+    assert frame_rows(1, 5) is None  # one row: every latent
+    assert frame_rows(8, 8) is None  # row i for latent i
+    assert frame_rows(8, 4, window=[4, 5, 6, 7]) == [4, 5, 6, 7]
+    assert frame_rows(8, 8, window=list(range(8))) is None
+    assert frame_rows(8, 8, window=[0, 1]) is None  # a window that is not this call's is not used
+    with pytest.raises(FrameBatchError, match=r"8 rows, one per frame, but the latent batch has 6 latents.*batch_size of 8"):
+        raise frame_mismatch(8, 6)
+    with pytest.raises(FrameBatchError, match="a UNet call"):
+        frame_rows(8, 4)
+    with pytest.raises(FrameBatchError, match="context windows"):
+        frame_rows(8, 4, window=[6, 7, 8, 9])
 
 
 def test_audio_kv_is_computed_once_and_batches_are_memoised():
