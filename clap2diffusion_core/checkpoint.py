@@ -95,7 +95,9 @@ def refuse_non_safetensors(path: str, error: type[Exception] = CheckpointError, 
         head = f.read(16)
     if len(head) < 8:
         raise error(f"{path}: file is empty or truncated ({len(head)} bytes); download it again")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    # A safetensors header length may start with byte 0x80 too (a 128 + 256k byte header): the '{'
+    # at byte 8 tells it from a pickle's protocol byte.
+    if head[8:9] != b"{" and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise error(
             f"{path}: this is a PyTorch pickle (.pt/.ckpt), not safetensors. Pickles can run code when "
             f"loaded, so CLAP2Diffusion only reads .safetensors {what} files; ask for (or convert to) a "

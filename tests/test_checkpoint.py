@@ -124,3 +124,28 @@ def test_save_then_load_preserves_a_changed_config(tmp_path):
     model = random_model(context_dim=1024, seed=5)
     save_checkpoint(model, tmp_path / "m.safetensors")
     assert load_checkpoint(tmp_path / "m.safetensors").config == model.config
+
+
+def test_a_safetensors_header_length_starting_with_byte_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A header of 128 + 256 k bytes makes the file's first byte 0x80, a pickle's first byte (an SDXL
+    text-fit file's metadata hit it): the '{' at byte 8 says safetensors."""
+    import json
+    import struct
+
+    from safetensors.torch import save_file
+
+    from clap2diffusion_core.checkpoint import refuse_non_safetensors
+
+    path = tmp_path / "x.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path))
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    padded = json.dumps(header).encode()
+    padded += b" " * ((0x80 - len(padded)) % 256)  # safetensors allows trailing spaces in the header
+    path.write_bytes(struct.pack("<Q", len(padded)) + padded + data[8 + length:])
+    assert path.read_bytes()[0] == 0x80
+    refuse_non_safetensors(str(path))  # no error
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(path))["x"], torch.zeros(2))
