@@ -1,9 +1,13 @@
 """The CLAP2Diffusion file: one safetensors with the modules' weights and their config as metadata.
 
-Keys are ``decomposer.*``, ``projector.*`` and, from stage 2 on, ``adapter.*``. The metadata holds
-``format`` (``clap2diffusion``), ``format_version``, ``base_family``, ``context_dim``, ``clap_dim``,
-``num_tokens``, ``norm_target``, ``stage`` and ``config`` (the JSON of :class:`ModelConfig`).
+Keys are ``decomposer.*``, ``projector.*``, ``pooled_head.*`` in files for families with a pooled
+vector (SDXL) and, from stage 2 on, ``adapter.*``. The metadata holds ``format`` (``clap2diffusion``),
+``format_version``, ``base_family``, ``context_dim``, ``clap_dim``, ``num_tokens``, ``norm_target``,
+``stage``, ``config`` (the JSON of :class:`ModelConfig`) and, with a pooled head, ``pooled_dim``.
 Loading checks all of it and names what was expected and what was found.
+
+A file with a pooled head is ``format_version`` 2, so a pack from before the head says "update the
+pack" instead of "unexpected weights"; every other file is written as version 1, as before.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from .errors import CheckpointError
 from .model import BASE_FAMILIES, CLAP2DiffusionModel, ModelConfig
 
 FORMAT = "clap2diffusion"
-FORMAT_VERSION = 1
+#: The newest version this code reads and writes (2: a pooled head); files without one stay version 1.
+FORMAT_VERSION = 2
 REQUIRED_METADATA = (
     "format", "format_version", "base_family", "context_dim", "clap_dim", "num_tokens", "norm_target",
     "stage", "config",
@@ -41,9 +46,10 @@ __all__ = [
 
 
 def build_metadata(config: ModelConfig) -> dict[str, str]:
+    pooled = {} if config.pooled_dim is None else {"pooled_dim": str(config.pooled_dim)}
     return {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": "2" if pooled else "1",
         "base_family": config.base_family,
         "context_dim": str(config.context_dim),
         "clap_dim": str(config.decomposer.clap_dim),
@@ -51,6 +57,7 @@ def build_metadata(config: ModelConfig) -> dict[str, str]:
         "norm_target": str(config.projector.norm_target),
         "stage": str(config.stage),
         "config": json.dumps(config.to_dict()),
+        **pooled,
     }
 
 
@@ -179,10 +186,13 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: config metadata is not understood ({err})"
         ) from err
-    for key, value in (("context_dim", config.context_dim), ("stage", config.stage)):
-        if int(metadata[key]) != value:
+    checks = [("context_dim", config.context_dim), ("stage", config.stage)]
+    if "pooled_dim" in metadata or config.pooled_dim is not None:
+        checks.append(("pooled_dim", config.pooled_dim))
+    for key, value in checks:
+        if metadata.get(key) is None or value is None or int(metadata[key]) != value:
             raise CheckpointError(
-                f"{path}: metadata {key}={metadata[key]} but its config says {value}"
+                f"{path}: metadata {key}={metadata.get(key)} but its config says {value}"
             )
     model = CLAP2DiffusionModel(config, name=os.path.basename(path))
     try:

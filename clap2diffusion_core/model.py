@@ -12,11 +12,14 @@ from torch import nn
 from .adapters import AdapterConfig, AudioAdapter
 from .decomposer import DecomposerConfig, HierarchicalDecomposer
 from .errors import WiringError
+from .pooled_head import PooledHead, PooledHeadConfig
 from .projector import AudioProjector, ProjectorConfig
 from .types import AudioLevels, AudioTokens, fingerprint
 
 #: Base model families a file can be made for, with the context size of their cross-attention.
 BASE_FAMILIES: dict[str, int] = {"sd15": 768, "sd2": 1024, "sdxl": 2048}
+#: Families whose conditioning also has a pooled vector, with its width: their files carry a pooled head.
+POOLED_FAMILIES: dict[str, int] = {"sdxl": 1280}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +32,15 @@ class ModelConfig:
     projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
     #: The gated audio cross-attention layers of stage 2/3 files; None for stage 1.
     adapter: AdapterConfig | None = None
+    #: The pooled head of families with a pooled vector (SDXL); None for SD1.5 (and older files).
+    pooled: PooledHeadConfig | None = None
 
     def __post_init__(self) -> None:
         if self.decomposer.token_dim != self.projector.token_dim:
             raise ValueError("decomposer and projector token_dim differ")
+        if self.pooled is not None and (self.pooled.token_dim, self.pooled.num_tokens) != (
+                self.decomposer.token_dim, self.decomposer.num_tokens):
+            raise ValueError("the pooled head does not read the decomposer's tokens (token_dim / num_tokens differ)")
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
 
@@ -40,14 +48,22 @@ class ModelConfig:
     def context_dim(self) -> int:
         return self.projector.context_dim
 
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of the pooled vector the file makes (SDXL 1280), None without a pooled head."""
+        return None if self.pooled is None else self.pooled.pooled_dim
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "base_family": self.base_family,
             "stage": self.stage,
             "decomposer": self.decomposer.to_dict(),
             "projector": self.projector.to_dict(),
             "adapter": None if self.adapter is None else self.adapter.to_dict(),
         }
+        if self.pooled is not None:  # absent, not null, without one: SD1.5 files stay as they were
+            out["pooled"] = self.pooled.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -60,6 +76,7 @@ class ModelConfig:
             decomposer=DecomposerConfig.from_dict(data["decomposer"]),
             projector=ProjectorConfig.from_dict(data["projector"]),
             adapter=adapter,
+            pooled=None if data.get("pooled") is None else PooledHeadConfig.from_dict(data["pooled"]),
         )
 
 
@@ -87,7 +104,8 @@ def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | 
 
 
 class CLAP2DiffusionModel(nn.Module):
-    """Decomposer + projector (+ the gated audio cross-attention adapter after stage 2).
+    """Decomposer + projector (+ the pooled head of SDXL-family files) (+ the gated audio
+    cross-attention adapter after stage 2).
 
     ``encode`` turns CLAP embeddings into :class:`AudioLevels`, ``project`` turns those into
     :class:`AudioTokens`; both are plain data naming this model by :attr:`fingerprint`. The
@@ -102,6 +120,7 @@ class CLAP2DiffusionModel(nn.Module):
         self.decomposer = HierarchicalDecomposer(config.decomposer)
         self.projector = AudioProjector(config.projector)
         self.adapter: AudioAdapter | None = None if config.adapter is None else AudioAdapter(config.adapter)
+        self.pooled_head: PooledHead | None = None if config.pooled is None else PooledHead(config.pooled)
         self._fingerprint: str | None = None
 
     @property
@@ -144,7 +163,8 @@ class CLAP2DiffusionModel(nn.Module):
 
     @torch.no_grad()
     def project(self, levels: AudioLevels) -> AudioTokens:
-        """AudioLevels -> AudioTokens ``[B, N, C]`` carrying the levels' user weights, unapplied."""
+        """AudioLevels -> AudioTokens ``[B, N, C]`` carrying the levels' user weights, unapplied (and
+        the pooled vector ``[B, P]`` when the file has a pooled head)."""
         if levels.source and levels.source != self.fingerprint:
             raise WiringError(
                 f"these audio levels were made by another CLAP2Diffusion file (fingerprint {levels.source}) "
@@ -169,6 +189,7 @@ class CLAP2DiffusionModel(nn.Module):
             level_scale=levels.level_scale.clone(),
             source=self.fingerprint,
             source_name=self.name,
+            pooled=None if self.pooled_head is None else self.pooled_head(levels),
         )
 
     def check_tokens(self, tokens: AudioTokens, what: str = "this node") -> None:

@@ -1,6 +1,7 @@
 """The audio-tokens file: one sound's :class:`~.types.AudioTokens` as safetensors, encoded once, shared.
 
-Tensors ``tokens [B, N, C]`` (fp32), ``token_levels [N]`` (int64) and ``level_scale [3]`` (fp32);
+Tensors ``tokens [B, N, C]`` (fp32), ``token_levels [N]`` (int64), ``level_scale [3]`` (fp32) and,
+from an SDXL-family file, ``pooled [B, P]`` (fp32);
 metadata ``format`` (``clap2diffusion-audio-tokens``), ``format_version``, ``source`` (the
 fingerprint of the CLAP2Diffusion file that made them), ``source_name``, ``context_dim`` and
 ``num_tokens``. Loading refuses pickles, cut files and safetensors that are not audio tokens,
@@ -26,12 +27,15 @@ TENSORS = ("tokens", "token_levels", "level_scale")
 
 def save_tokens(tokens: AudioTokens, path: str | os.PathLike) -> None:
     """Write ``tokens`` (CPU, contiguous, tokens in fp32) with their metadata to ``path``."""
+    tensors = {
+        "tokens": tokens.tokens.detach().to("cpu", torch.float32).contiguous(),
+        "token_levels": tokens.token_levels.detach().to("cpu", torch.int64).contiguous(),
+        "level_scale": tokens.level_scale.detach().to("cpu", torch.float32).contiguous(),
+    }
+    if tokens.pooled is not None:
+        tensors["pooled"] = tokens.pooled.detach().to("cpu", torch.float32).contiguous()
     save_file(
-        {
-            "tokens": tokens.tokens.detach().to("cpu", torch.float32).contiguous(),
-            "token_levels": tokens.token_levels.detach().to("cpu", torch.int64).contiguous(),
-            "level_scale": tokens.level_scale.detach().to("cpu", torch.float32).contiguous(),
-        },
+        tensors,
         os.fspath(path),
         metadata={
             "format": FORMAT,
@@ -67,7 +71,7 @@ def load_tokens(path: str | os.PathLike) -> AudioTokens:
             missing = [k for k in TENSORS if k not in keys]
             if missing or "source" not in metadata:
                 raise TokensFileError(f"{name}: audio-tokens file without {missing or ['source']}; save it again.")
-            tensors = {k: f.get_tensor(k) for k in TENSORS}
+            tensors = {k: f.get_tensor(k) for k in (*TENSORS, "pooled") if k in keys}
     except (SafetensorError, OSError) as err:
         raise TokensFileError(f"{name}: unreadable safetensors file ({err}); save or copy it again") from err
     try:
@@ -77,6 +81,7 @@ def load_tokens(path: str | os.PathLike) -> AudioTokens:
             level_scale=tensors["level_scale"].float(),
             source=metadata["source"],
             source_name=metadata.get("source_name", ""),
+            pooled=tensors["pooled"].float() if "pooled" in tensors else None,
         )
     except ValueError as err:
         raise TokensFileError(f"{name}: inconsistent audio-tokens file ({err}); save it again.") from err

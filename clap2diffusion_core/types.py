@@ -74,6 +74,9 @@ class AudioTokens:
         source: fingerprint of the CLAP2Diffusion file that made them; the model injection refuses
             tokens whose source is not the file it takes the adapter from.
         source_name: that file's name, for messages ("" when unknown).
+        pooled: ``[B, P]`` the audio's pooled vector (SDXL: P = 1280, CLIP-G's width) from a file
+            with a pooled head; None for SD1.5 files. Apply Audio to Conditioning mixes it into the
+            conditioning's ``pooled_output``; the level weights do not act on it.
     """
 
     tokens: torch.Tensor
@@ -81,6 +84,7 @@ class AudioTokens:
     level_scale: torch.Tensor
     source: str
     source_name: str = ""
+    pooled: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3:
@@ -91,6 +95,9 @@ class AudioTokens:
             )
         if self.level_scale.shape != (NUM_LEVELS,):
             raise ValueError(f"level_scale must be [{NUM_LEVELS}] ({', '.join(LEVELS)}), got {tuple(self.level_scale.shape)}")
+        if self.pooled is not None and (self.pooled.ndim != 2 or self.pooled.shape[0] != self.tokens.shape[0]):
+            raise ValueError(f"pooled must be [B, P] with the tokens' B, got {tuple(self.pooled.shape)} "
+                             f"for tokens {tuple(self.tokens.shape)}")
 
     @property
     def context_dim(self) -> int:

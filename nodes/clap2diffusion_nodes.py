@@ -146,7 +146,8 @@ class AudioProject(io.ComfyNode):
                 types.AudioTokens.Output(
                     display_name="audio_tokens",
                     tooltip="For Apply Audio to Conditioning (any file), Apply Audio to Model (stage 2/3, with "
-                    "the same CLAP2Diffusion file) or Save Audio Tokens.",
+                    "the same CLAP2Diffusion file) or Save Audio Tokens. From an SDXL file they also carry "
+                    "the sound's pooled vector.",
                 )
             ],
         )

@@ -238,7 +238,11 @@ class ScaleAudioTokensPerFrame(io.ComfyNode):
             )
         scale = torch.tensor(values, dtype=tokens.dtype, device=tokens.device) * multiply + add
         rows = tokens.expand(len(values), -1, -1) * scale[:, None, None]
-        return io.NodeOutput(dataclasses.replace(audio_tokens, tokens=rows))
+        # An SDXL file's pooled vector follows the rows, unweighted (a norm-fixed direction, mixed in
+        # by Apply Audio to Conditioning's strength).
+        pooled = audio_tokens.pooled
+        pooled = None if pooled is None else pooled.expand(len(values), -1)
+        return io.NodeOutput(dataclasses.replace(audio_tokens, tokens=rows, pooled=pooled))
 
 
 class AudioToPromptSchedule(io.ComfyNode):
