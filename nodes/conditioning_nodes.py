@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..clap2diffusion_core.checkpoint import check_context_dim
-from ..clap2diffusion_core.conditioning import append_audio_tokens
+from ..clap2diffusion_core.conditioning import apply_audio_to_conditioning
 from ..clap2diffusion_core.types import AudioTokens
 from . import types
 from .api import io
@@ -17,7 +16,8 @@ class ApplyAudioToConditioning(io.ComfyNode):
             display_name="Apply Audio to Conditioning",
             category=types.CATEGORY,
             description="Appends the audio tokens to the text tokens, so the prompt and the sound share the "
-            "cross-attention. Wire the positive prompt through it; the negative stays audio-free.",
+            "cross-attention; with an SDXL file it also mixes the sound's pooled vector into the prompt's. "
+            "Wire the positive prompt through it; the negative stays audio-free.",
             inputs=[
                 io.Conditioning.Input(
                     "conditioning",
@@ -35,7 +35,9 @@ class ApplyAudioToConditioning(io.ComfyNode):
                     min=0.0,
                     max=3.0,
                     step=0.01,
-                    tooltip="Scale of the audio tokens. 0 returns the conditioning unchanged (the text-only image).",
+                    tooltip="Scale of the audio tokens. 0 returns the conditioning unchanged (the text-only image). "
+                    "SDXL files also move the pooled vector from the prompt's towards the sound's: halfway at 1, "
+                    "all the way at 2 and above.",
                 ),
             ],
             outputs=[io.Conditioning.Output(tooltip="Text + sound; goes to KSampler or ControlNet Apply.")],
@@ -43,15 +45,7 @@ class ApplyAudioToConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning: list, audio_tokens: AudioTokens, strength: float) -> io.NodeOutput:
-        if strength == 0:
-            return io.NodeOutput(conditioning)
-        for text, _ in conditioning:
-            # Name both base models, not only both sizes (SD2 is 1024, SDXL 2048).
-            check_context_dim(audio_tokens.context_dim, text.shape[-1], "this conditioning")
-        # The user's level weights act here, once (the model injection applies them in the adapter).
-        tokens = audio_tokens.weighted()
-        out = [[append_audio_tokens(text, tokens, strength), options.copy()] for text, options in conditioning]
-        return io.NodeOutput(out)
+        return io.NodeOutput(apply_audio_to_conditioning(conditioning, audio_tokens, strength))
 
 
 NODES = [ApplyAudioToConditioning]

@@ -23,6 +23,7 @@ from ..clap2diffusion_core.training.captions import (
 from ..clap2diffusion_core.training.textfit import (
     Provenance,
     TextFitConfig,
+    caption_token_mean,
     fingerprint,
     fit_from_captions,
     save_text_fit,
@@ -35,7 +36,15 @@ from .clap_nodes import ClapModelHandle
 log = logging.getLogger(__name__)
 
 #: ComfyUI text-encoder classes the fit serves: -> (family, what the metadata calls it).
-SUPPORTED_TEXT_ENCODERS = {"SD1ClipModel": ("sd15", "sd15 CLIP-L")}
+SUPPORTED_TEXT_ENCODERS = {"SD1ClipModel": ("sd15", "sd15 CLIP-L"), "SDXLClipModel": ("sdxl", "sdxl CLIP-L + CLIP-G")}
+#: Why some text encoders ComfyUI loads are refused (the error names the class and says this).
+UNSUPPORTED_WHY = {
+    "SD2ClipModel": "SD2.x (OpenCLIP-H, 1024-wide tokens) is not fitted yet",
+    "SDXLRefinerClipModel": "the SDXL refiner (CLIP-G alone, 1280-wide tokens) has no CLAP2Diffusion family",
+    "SD3ClipModel": "SD3 (CLIP-L + CLIP-G + T5-XXL, 4096-wide tokens) has no CLAP2Diffusion family yet",
+    "FluxClipModel": "Flux (T5-XXL tokens + a CLIP-L pooled vector, a transformer, not a UNet) has no "
+                     "CLAP2Diffusion family yet",
+}
 END_TOKEN = 49407  # CLIP's <|endoftext|>, which ComfyUI's SD1 tokenizer also pads with
 
 
@@ -46,11 +55,12 @@ def text_encoder_family(clip) -> tuple[str, str]:  # noqa: ANN001 (comfy.sd.CLIP
     if name in SUPPORTED_TEXT_ENCODERS and getattr(inner, "clip_name", "l") == "l":
         family, what = SUPPORTED_TEXT_ENCODERS[name]
         return family, f"{what} (comfy {name})"
+    why = f" ({UNSUPPORTED_WHY[name]})" if name in UNSUPPORTED_WHY else ""
     raise TextEncoderError(
         f"Fit Audio Projector (from text): the CLIP input is a {name} text encoder "
-        f"({type(clip.tokenizer).__name__} tokenizer), which this pack cannot fit for yet. Supported: "
-        "SD1.5 checkpoints (CLIP-L, SD1ClipModel). Load an SD1.5 checkpoint's CLIP, or use a "
-        "CLAP2Diffusion file trained for this model."
+        f"({type(clip.tokenizer).__name__} tokenizer), which this pack cannot fit for yet{why}. Supported: "
+        "SD1.5 checkpoints (CLIP-L, SD1ClipModel) and SDXL-family ones (CLIP-L + CLIP-G, SDXLClipModel). Load "
+        "such a checkpoint's CLIP, or use a CLAP2Diffusion file trained for this model."
     )
 
 
@@ -71,6 +81,34 @@ def pooled_targets(clip, captions: list[str]) -> torch.Tensor:  # noqa: ANN001
     position = torch.arange(cond.shape[1])
     mask = ((position[None] >= 1) & (position[None] <= torch.tensor(ends)[:, None])).float()
     return (cond * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+def sdxl_targets(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """SDXL's targets from ComfyUI's own CLIP: ``([n, 2048], [n, 1280])``, for each caption the mean
+    of its conditioning (CLIP-L + CLIP-G penultimate states) over its tokens and end token, and its
+    pooled vector (CLIP-G's projected end token).
+
+    ``encode_from_tokens`` keeps only the first section's pooled vector, so captions cannot share
+    one call as on the SD1.5 path, and one call per caption costs 3x more on a CPU (ComfyUI casts
+    every fp16 weight on each call). So this does what ``encode_from_tokens`` does (clip skip, the
+    patched weights loaded) and what ``SDXLClipModel.encode_token_weights`` does for unweighted
+    tokens (each tower's ``encode``, side by side), for the whole batch at once.
+    """
+    ids_l, ids_g, ends = [], [], []
+    for caption in captions:
+        tokens = clip.tokenize(caption)  # a caption longer than 75 tokens keeps its first 77-token section
+        ids_l.append([t[0] for t in tokens["l"][0]])
+        ids_g.append([t[0] for t in tokens["g"][0]])
+        ends.append(ids_l[-1].index(END_TOKEN, 1) if END_TOKEN in ids_l[-1][1:] else len(ids_l[-1]) - 1)
+    inner = clip.cond_stage_model
+    inner.reset_clip_options()
+    if clip.layer_idx is not None:
+        inner.set_clip_options({"layer": clip.layer_idx})
+    clip.load_model()
+    out_l = inner.clip_l.encode(ids_l)[0]
+    out_g, pooled = inner.clip_g.encode(ids_g)[:2]
+    cond = torch.cat([out_l, out_g], dim=-1).float().cpu()  # [n, 77, 2048]
+    return caption_token_mean(cond, torch.tensor(ends)), pooled.float().cpu()
 
 
 #: CLIP weights the fit's targets never read: CLIP-L's projection (SD1.5 and SDXL take CLIP-L's
@@ -102,7 +140,8 @@ class FitAudioProjectorFromText(io.ComfyNode):
             "text encoder's conditioning of it), then CLAP's audio embedding is fed in its place. Saved in "
             "models/clap2diffusion; the same inputs later load that file instead of fitting again.",
             inputs=[
-                io.Clip.Input("clip", tooltip="The text encoder the images are made with (an SD1.5 checkpoint's CLIP)."),
+                io.Clip.Input("clip", tooltip="The text encoder the images are made with: an SD1.5 or SDXL-family "
+                              "checkpoint's CLIP (SDXL files also get a pooled head)."),
                 types.ClapModel.Input(
                     "clap_model", tooltip="From CLAP Loader: the CLAP whose audio you will encode (its text tower "
                     "is used for the fit)."),
@@ -156,7 +195,8 @@ class FitAudioProjectorFromText(io.ComfyNode):
             bar.update_absolute(offsets[phase] + done)
 
         device = mm.get_torch_device()
-        model = fit_from_captions(captions, clap_model.load_text().encode_text, lambda texts: pooled_targets(clip, texts),
+        targets = sdxl_targets if family == "sdxl" else pooled_targets
+        model = fit_from_captions(captions, clap_model.load_text().encode_text, lambda texts: targets(clip, texts),
                                   config, progress, device=device)
         path = os.path.join(folder_paths.get_folder_paths("clap2diffusion")[0], name)
         save_text_fit(model, path, provenance)

@@ -25,11 +25,12 @@ def _fitted(comfy_server) -> list[Path]:  # noqa: ANN001
     return sorted((comfy_server.base_dir / "models" / "clap2diffusion").glob("*textfit-*"))
 
 
-def fit_to_image(seed: int, strength: float = 1.0, steps: int = 5, corpus_size: int = 8, sound: bool = True) -> Graph:
+def fit_to_image(seed: int, strength: float = 1.0, steps: int = 5, corpus_size: int = 8, sound: bool = True,
+                 checkpoint: str = CHECKPOINT) -> Graph:
     """Checkpoint + CLAP -> Fit -> (thunder -> CLAP Encode -> Decompose -> Project) -> Apply Audio to
     Conditioning -> KSampler -> image (the example workflow's shape)."""
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=checkpoint)
     positive = g.node("CLIPTextEncode", clip=ckpt[1], text="a beach").out
     negative = g.node("CLIPTextEncode", clip=ckpt[1], text="").out
     if sound:
@@ -124,13 +125,15 @@ def test_textfit_names_a_text_encoder_family_it_cannot_serve():
     fit_nodes = load("nodes.fit_nodes")
     errors = load("clap2diffusion_core.errors")
 
-    class SDXLClipModel:  # what ComfyUI's CLIP object holds for an SDXL checkpoint
-        pass
+    def clip_of(encoder: str, tokenizer: str):  # noqa: ANN202 (what ComfyUI's CLIP object holds)
+        return type("CLIP", (), {"cond_stage_model": type(encoder, (), {})(), "tokenizer": type(tokenizer, (), {})()})()
 
-    class SDXLTokenizer:
-        pass
-
-    clip = type("CLIP", (), {"cond_stage_model": SDXLClipModel(), "tokenizer": SDXLTokenizer()})()
-    with pytest.raises(errors.TextEncoderError, match="SDXLClipModel") as err:
-        fit_nodes.text_encoder_family(clip)
-    assert "SD1.5" in str(err.value)
+    for encoder, tokenizer, why in (("SD3ClipModel", "SD3Tokenizer", "SD3"), ("FluxClipModel", "FluxTokenizer", "Flux"),
+                                    ("SDXLRefinerClipModel", "SDXLTokenizer", "refiner"),
+                                    ("SomeNewClipModel", "SomeTokenizer", "")):
+        with pytest.raises(errors.TextEncoderError, match=encoder) as err:
+            fit_nodes.text_encoder_family(clip_of(encoder, tokenizer))
+        assert why in str(err.value) and "SD1.5" in str(err.value) and "SDXL" in str(err.value)
+    # The two families it serves.
+    assert fit_nodes.text_encoder_family(clip_of("SD1ClipModel", "SD1Tokenizer"))[0] == "sd15"
+    assert fit_nodes.text_encoder_family(clip_of("SDXLClipModel", "SDXLTokenizer"))[0] == "sdxl"

@@ -7,7 +7,7 @@
     eval                caption retrieval of a CLAP2Diffusion file on a cached split
     smoke               everything above on generated data (`make train-smoke`: the random test models); prints JSON
     fit-text            stage 1 from text alone: captions from the sound vocabulary, a CLAP, an SD1.5
-                        checkpoint -> a stage-1 file (no audio, no images, no data set)
+                        or SDXL checkpoint -> a stage-1 file (no audio, no images, no data set)
     distil              the adapter distilled from the base UNet on captions alone -> a stage-3 file
                         for Apply Audio to Model (no audio, no images, no data set)
     distil-smoke        text fit + distillation on the tiny test models (`make distil-smoke`); prints JSON
@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit-text", help="stage 1 from text alone (no data set): prints the file written")
     p.add_argument("--clap", required=True, help="CLAP model with its text tower: transformers folder or laion-clap .pt")
     p.add_argument("--checkpoint", required=True,
-                   help="single-file SD1.5 checkpoint; the targets come from its CLIP-L text encoder")
+                   help="single-file SD1.5 or SDXL-family checkpoint; the targets come from its CLIP-L "
+                   "(SD1.5) or CLIP-L + CLIP-G (SDXL: the file also gets a pooled head)")
     p.add_argument("--tokenizer", help="CLIP-L tokenizer folder (default: ComfyUI's comfy/sd1_tokenizer)")
     p.add_argument("--out", required=True,
                    help="a .safetensors file, or a folder (e.g. ComfyUI/models/clap2diffusion) for the derived name")
@@ -225,6 +226,7 @@ def _fit_text(args: argparse.Namespace) -> int:
     from ..clap import load_clap
     from .captions import DEFAULT_CORPUS_SIZE, build_corpus, corpus_hash, read_caption_file
     from .encoders import load_text_encoder
+    from .sdxl_text import checkpoint_text_family, load_sdxl_text_encoder
     from .textfit import Provenance, TextFitConfig, fingerprint, fit_from_captions, save_text_fit
 
     if args.threads:
@@ -235,16 +237,21 @@ def _fit_text(args: argparse.Namespace) -> int:
     extra = read_caption_file(args.captions) if args.captions else []
     captions = [c.text for c in build_corpus(args.corpus_size or DEFAULT_CORPUS_SIZE, args.seed, extra)]
     clap = load_clap(args.clap)
-    clip = load_text_encoder(args.checkpoint, args.tokenizer)
+    family = checkpoint_text_family(args.checkpoint)
+    if family == "sdxl":
+        sdxl = load_sdxl_text_encoder(args.checkpoint, args.tokenizer)
+        targets, weights, what = sdxl, sdxl.state_dict().items(), "sdxl CLIP-L + CLIP-G (single-file checkpoint)"
+    else:
+        clip = load_text_encoder(args.checkpoint, args.tokenizer)
+        targets, weights, what = clip.pooled, clip.model.state_dict().items(), "sd15 CLIP-L (single-file checkpoint)"
     provenance = Provenance(
         corpus_sha256=corpus_hash(captions), corpus_size=len(captions),
         clap_fingerprint=fingerprint(clap.text.state_dict().items()),  # the tower the fit reads, as the node
-        text_encoder_fingerprint=fingerprint(clip.model.state_dict().items()),
-        text_encoder="sd15 CLIP-L (single-file checkpoint)", text_fit=config,
+        text_encoder_fingerprint=fingerprint(weights), text_encoder=what, text_fit=config,
     )
     out = Path(args.out)
     if out.suffix != ".safetensors":
-        out = out / f"{provenance.file_stem('sd15')}.safetensors"
+        out = out / f"{provenance.file_stem(family)}.safetensors"
     bars: dict[str, tqdm] = {}
     times: dict[str, float] = {}
 
@@ -257,10 +264,10 @@ def _fit_text(args: argparse.Namespace) -> int:
             bars[phase].close()
             times[phase] = time.perf_counter() - times[phase]
 
-    model = fit_from_captions(captions, clap.encode_text, clip.pooled, config, progress)
+    model = fit_from_captions(captions, clap.encode_text, targets, config, progress)
     save_text_fit(model, out, provenance)
     rates = {f"{k}_per_s": round(len(captions) / v, 2) for k, v in times.items() if k != "fit"}
-    print(json.dumps({"file": str(out), "captions": len(captions), "steps": config.steps,
+    print(json.dumps({"file": str(out), "base_family": family, "captions": len(captions), "steps": config.steps,
                       "seconds": {k: round(v, 1) for k, v in times.items()}, **rates}))
     return 0
 

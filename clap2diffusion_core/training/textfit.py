@@ -14,7 +14,8 @@ shared shift separates them, the "modality gap"), so the fit **bridges the gap**
   cloud the projector was fitted on.
 
 The model, the losses (InfoNCE + direction MSE of the mean audio token against the pooled target,
-:mod:`.losses`), the seeded data order (:mod:`.sampling`) and the temperature schedule are stage 1's.
+:mod:`.losses`; for SDXL the same two terms again between the pooled head's output and the text
+encoder's pooled vector), the seeded data order (:mod:`.sampling`) and the temperature schedule are stage 1's.
 The loop is a small in-memory one instead of :func:`.trainer.train_stage`: the whole data set is a
 few thousand vectors, there is one process, the ComfyUI node needs a per-step callback (progress,
 Cancel), and the node may import only what the pack's lean requirements hold (torch, safetensors:
@@ -43,7 +44,8 @@ from safetensors.torch import save_file
 
 from ..checkpoint import build_metadata, read_metadata
 from ..decomposer import DecomposerConfig
-from ..model import BASE_FAMILIES, CLAP2DiffusionModel, ModelConfig
+from ..model import BASE_FAMILIES, POOLED_FAMILIES, CLAP2DiffusionModel, ModelConfig
+from ..pooled_head import PooledHeadConfig
 from ..projector import ProjectorConfig
 from . import losses
 from .sampling import StreamBatchSampler, step_generator
@@ -122,24 +124,45 @@ def temperature_schedule(config: TextFitConfig) -> TemperatureSchedule:
                                anneal_steps=config.steps)
 
 
-def new_model(config: TextFitConfig, context_dim: int) -> CLAP2DiffusionModel:
-    """A fresh stage-1 model (default decomposer, projector with ``config.projector``), seeded."""
+def new_model(config: TextFitConfig, context_dim: int, pooled_dim: int | None = None,
+              pooled_norm: float = 1.0) -> CLAP2DiffusionModel:
+    """A fresh stage-1 model (default decomposer, projector with ``config.projector``), seeded;
+    with ``pooled_dim``, a pooled head of that width whose output norm is ``pooled_norm``."""
+    family = base_family_for(context_dim)
+    if pooled_dim is not None and POOLED_FAMILIES.get(family) != pooled_dim:
+        raise ValueError(f"pooled targets of width {pooled_dim} do not fit {family} "
+                         f"(pooled widths: {POOLED_FAMILIES or 'none'})")
+    decomposer = DecomposerConfig()
+    pooled = None if pooled_dim is None else PooledHeadConfig(
+        pooled_dim=pooled_dim, token_dim=decomposer.token_dim, num_tokens=decomposer.num_tokens,
+        norm_target=float(pooled_norm))
     model_config = ModelConfig(
-        base_family=base_family_for(context_dim), stage=1, decomposer=DecomposerConfig(),
-        projector=ProjectorConfig.from_dict({**config.projector, "context_dim": context_dim}),
+        base_family=family, stage=1, decomposer=decomposer,
+        projector=ProjectorConfig.from_dict({**config.projector, "context_dim": context_dim}), pooled=pooled,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return CLAP2DiffusionModel(model_config)
 
 
+def _match(pred: torch.Tensor, target: torch.Tensor, index: torch.Tensor, config: TextFitConfig) -> torch.Tensor:
+    return (config.infonce * losses.info_nce(pred, target, config.infonce_temperature, index)
+            + config.mse * losses.direction_mse(pred, target))
+
+
 def stage1_loss(model: CLAP2DiffusionModel, clap: torch.Tensor, targets: torch.Tensor, index: torch.Tensor,
-                temperature: float, config: TextFitConfig) -> torch.Tensor:
+                temperature: float, config: TextFitConfig, pooled: torch.Tensor | None = None) -> torch.Tensor:
     """Stage 1's objective (as ``StageModule`` computes it with ``loss.epsilon == 0``): InfoNCE +
-    direction MSE between the mean audio token and the pooled target."""
-    pooled = model.projector(model.decomposer(clap, temperature)).mean(dim=1)
-    return (config.infonce * losses.info_nce(pooled, targets, config.infonce_temperature, index)
-            + config.mse * losses.direction_mse(pooled, targets))
+    direction MSE between the mean audio token ``[B, C]`` and the token target ``targets [B, C]``;
+    with a pooled head and ``pooled [B, P]`` (SDXL's pooled text vector), the same two terms between
+    the head's output and it, at the same weights."""
+    levels = model.decomposer(clap, temperature)
+    loss = _match(model.projector(levels).mean(dim=1), targets, index, config)
+    if pooled is not None:
+        if model.pooled_head is None:
+            raise ValueError("pooled targets given to a model without a pooled head")
+        loss = loss + _match(model.pooled_head(levels), pooled, index, config)
+    return loss
 
 
 def _cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -158,23 +181,34 @@ def fit_text(
     config: TextFitConfig = TextFitConfig(),
     on_step: StepCallback | None = None,
     device: torch.device | str = "cpu",
+    pooled: torch.Tensor | None = None,
 ) -> CLAP2DiffusionModel:
     """Fit a stage-1 model: ``clap_text [M, 512]`` (CLAP text embeddings of M captions) ->
-    ``targets [M, C]`` (the pooled conditioning of the same captions). Deterministic for a seed
-    on a device. Returns the model (eval mode) with the final soft-assignment temperature."""
+    ``targets [M, C]`` (the token conditioning of the same captions, pooled over their tokens) and,
+    for SDXL, ``pooled [M, P]`` (the text encoder's own pooled vectors, which adds a pooled head).
+    Deterministic for a seed on a device. Returns the model (eval mode) with the final
+    soft-assignment temperature."""
     if clap_text.ndim != 2 or targets.ndim != 2 or clap_text.shape[0] != targets.shape[0]:
         raise ValueError(f"expected clap_text [M, D] and targets [M, C], got {tuple(clap_text.shape)} "
                          f"and {tuple(targets.shape)}")
+    if pooled is not None and (pooled.ndim != 2 or pooled.shape[0] != targets.shape[0]):
+        raise ValueError(f"expected pooled targets [M, P] with M = {targets.shape[0]}, got {tuple(pooled.shape)}")
     if clap_text.shape[0] < 2:
         raise ValueError(f"the fit needs at least 2 captions, got {clap_text.shape[0]}")
     # ComfyUI runs nodes under inference mode: train outside it, on ordinary copies of the inputs.
     with torch.inference_mode(False), torch.enable_grad():
-        return _fit(clap_text.clone(), targets.clone(), config, on_step, device)
+        return _fit(clap_text.clone(), targets.clone(), config, on_step, device,
+                    None if pooled is None else pooled.clone())
 
 
 def _fit(clap_text: torch.Tensor, targets: torch.Tensor, config: TextFitConfig, on_step: StepCallback | None,
-         device: torch.device | str) -> CLAP2DiffusionModel:
-    model = new_model(config, targets.shape[-1]).to(device).train()
+         device: torch.device | str, pooled: torch.Tensor | None = None) -> CLAP2DiffusionModel:
+    if pooled is None:
+        model = new_model(config, targets.shape[-1])
+    else:
+        pooled = pooled.float()
+        model = new_model(config, targets.shape[-1], pooled.shape[-1], float(pooled.norm(dim=-1).mean()))
+    model = model.to(device).train()
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, config.steps)
@@ -187,7 +221,7 @@ def _fit(clap_text: torch.Tensor, targets: torch.Tensor, config: TextFitConfig, 
         index = torch.tensor(next(batches))
         clap = bridge_noise(clap_text[index], config.noise, step_generator(config.seed, step, 0, 0))
         loss = stage1_loss(model, clap.to(device), targets[index].to(device), index.to(device),
-                           temperature(step), config)
+                           temperature(step), config, None if pooled is None else pooled[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -202,11 +236,30 @@ def _fit(clap_text: torch.Tensor, targets: torch.Tensor, config: TextFitConfig, 
     return out.eval()
 
 
+def caption_token_mean(cond: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``cond [n, T, C]`` (a text encoder's conditioning of n captions) and ``ends [n]`` (each one's
+    end-token position) -> ``[n, C]``: the mean over the caption's tokens and its end token, the
+    stage-1 token target. The start token (the same state for every caption) and the padding are left out."""
+    position = torch.arange(cond.shape[1], device=cond.device)
+    mask = ((position[None] >= 1) & (position[None] <= ends.to(cond.device)[:, None])).to(cond.dtype)
+    return (cond * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
 @torch.no_grad()
 def pooled_queries(model: CLAP2DiffusionModel, clap: torch.Tensor) -> torch.Tensor:
     """``clap [B, 512]`` -> ``[B, C]``: the mean audio token, what stage 1 matched to the target."""
     model = model.eval()
     return torch.cat([model.projector(model.decomposer(chunk.to(model.device))).mean(dim=1).float().cpu()
+                      for chunk in clap.split(256)])
+
+
+@torch.no_grad()
+def pooled_outputs(model: CLAP2DiffusionModel, clap: torch.Tensor) -> torch.Tensor:
+    """``clap [B, 512]`` -> ``[B, P]``: the pooled head's vectors (SDXL); the model must have one."""
+    if model.pooled_head is None:
+        raise ValueError("this model has no pooled head (an SD1.5 file)")
+    model = model.eval()
+    return torch.cat([model.pooled_head(model.decomposer(chunk.to(model.device))).float().cpu()
                       for chunk in clap.split(256)])
 
 
@@ -224,6 +277,9 @@ def retrieval_top1(model: CLAP2DiffusionModel, clap: torch.Tensor, targets: torc
 #: ``(phase, done, total)``: phase ``"clap"`` (CLAP text embeddings), ``"targets"`` (the text
 #: encoder's conditioning) or ``"fit"`` (optimizer steps); raise to stop.
 ProgressCallback = Callable[[str, int, int], None]
+#: What a text encoder gives for a batch of captions: the token target ``[n, C]``, or for families
+#: with a pooled vector ``(tokens [n, C], pooled [n, P])``.
+Targets = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def encode_batched(
@@ -233,7 +289,9 @@ def encode_batched(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """``encode`` over ``captions`` in batches -> ``[M, ...]`` float32 on the CPU; ``on_batch(done,
-    total)`` after each batch."""
+    total)`` before the first batch (done 0: the phase's clock starts there) and after each batch."""
+    if on_batch is not None:
+        on_batch(0, len(captions))
     out = []
     for start in range(0, len(captions), batch_size):
         out.append(encode(list(captions[start:start + batch_size])).float().cpu())
@@ -242,23 +300,51 @@ def encode_batched(
     return torch.cat(out)
 
 
+def encode_targets(
+    targets: Callable[[list[str]], Targets],
+    captions: Sequence[str],
+    batch_size: int = 32,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`encode_batched` for a text encoder's targets: ``(tokens [M, C], pooled [M, P] or None)``."""
+    tokens: list[torch.Tensor] = []
+    pooled: list[torch.Tensor] = []
+
+    def encode(batch: list[str]) -> torch.Tensor:
+        out = targets(batch)
+        if isinstance(out, tuple):
+            tokens.append(out[0].float().cpu())
+            pooled.append(out[1].float().cpu())
+        else:
+            tokens.append(out.float().cpu())
+        return tokens[-1]
+
+    encode_batched(encode, captions, batch_size, on_batch)
+    if pooled and len(pooled) != len(tokens):
+        raise ValueError("the text encoder gave pooled vectors for some batches only")
+    return torch.cat(tokens), (torch.cat(pooled) if pooled else None)
+
+
 def fit_from_captions(
     captions: Sequence[str],
     clap_text: Callable[[list[str]], torch.Tensor],
-    targets: Callable[[list[str]], torch.Tensor],
+    targets: Callable[[list[str]], Targets],
     config: TextFitConfig = TextFitConfig(),
     on_progress: ProgressCallback | None = None,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> CLAP2DiffusionModel:
     """Captions -> a fitted stage-1 model. ``clap_text`` maps captions to CLAP text embeddings
-    ``[n, 512]``, ``targets`` to the pooled conditioning ``[n, C]`` of the target text encoder."""
+    ``[n, 512]``, ``targets`` to the token-pooled conditioning ``[n, C]`` of the target text encoder,
+    or for SDXL to ``(tokens [n, 2048], pooled [n, 1280])`` (the file then has a pooled head)."""
     def phase(name: str) -> Callable[[int, int], None] | None:
         return None if on_progress is None else (lambda done, total: on_progress(name, done, total))
 
     clap = encode_batched(clap_text, captions, batch_size, phase("clap"))
-    pooled = encode_batched(targets, captions, batch_size, phase("targets"))
-    return fit_text(clap, pooled, config, phase("fit"), device)
+    tokens, pooled = encode_targets(targets, captions, batch_size, phase("targets"))
+    if on_progress is not None:
+        on_progress("fit", 0, config.steps)
+    return fit_text(clap, tokens, config, phase("fit"), device, pooled)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,6 +436,7 @@ def read_provenance(path: str | os.PathLike) -> dict[str, str] | None:
 
 
 __all__ = [
-    "PROVENANCE_KEYS", "encode_batched", "fit_from_captions", "Provenance", "TextFitConfig", "base_family_for", "bridge_noise", "fingerprint", "fit_text",
-    "memory_project", "pooled_queries", "read_provenance", "retrieval_top1", "save_text_fit", "tensors_in",
+    "PROVENANCE_KEYS", "caption_token_mean", "encode_batched", "encode_targets", "fit_from_captions", "Provenance", "TextFitConfig",
+    "base_family_for", "bridge_noise", "fingerprint", "fit_text", "memory_project", "pooled_outputs", "pooled_queries",
+    "read_provenance", "retrieval_top1", "save_text_fit", "tensors_in",
 ]
