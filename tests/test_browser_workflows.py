@@ -220,14 +220,7 @@ def unexpected_problems(log: PageLog, allowed_views: set[str]) -> list[str]:
     return problems
 
 
-# Known bug, open: frontend 1.32 saves the text-fit node without its optional extra_captions value
-# (file [1024, 500, 0, 'fixed', ''], saved back [1024, 500, 0, 'fixed']). strict: fixing it fails here.
-_KNOWN_SAVE_BACK_BUG = {"audio_from_text_fit"}
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="the frontend drops extra_captions on save"))
-    if p.stem in _KNOWN_SAVE_BACK_BUG else p for p in EXAMPLES], ids=[p.stem for p in EXAMPLES])
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_workflow_opens_queues_and_runs_in_the_browser(
     frontend: Frontend, comfy: ComfyClient, test_models: tm.TestModels, path: Path
 ) -> None:

@@ -11,6 +11,7 @@ from tools.comfy_server import ComfyClient
 from tools.run_workflow import (
     WorkflowError,
     adapter_loaders,
+    has_control_widget,
     map_widget_values,
     rewrite_files,
     shrink_for_random_models,
@@ -129,3 +130,16 @@ def test_example_workflows_run_on_the_real_server(comfy: ComfyClient, test_model
     rewrite_files(prompt, info, names)  # a loader feeding Apply Audio to Model takes the stage 3 file
     shrink_for_random_models(prompt)  # 256 px, 4 steps: as make demo runs the random models
     assert comfy.run(prompt, timeout=600), f"{path.name} produced no image"
+
+
+@pytest.mark.parametrize(("name", "options", "expected"), [
+    ("seed", {}, True),  # the frontend's fallback: INT seeds by name
+    ("noise_seed", {"control_after_generate": None}, True),
+    ("seed", {"control_after_generate": False}, False),  # a node that turns it off (the text fit's seed)
+    ("frame", {"control_after_generate": True}, True),
+    ("steps", {}, False),
+])
+def test_a_control_widget_follows_the_frontends_flag_or_else_the_seed_name(name, options, expected) -> None:  # noqa: ANN001
+    # frontend 1.32: `spec.control_after_generate ?? ["seed", "noise_seed"].includes(name)`
+    assert has_control_widget(name, "INT", options) is expected
+    assert has_control_widget(name, "FLOAT", options) is False

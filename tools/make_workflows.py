@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: make the `tools` package importable
+    sys.path.append(str(REPO_ROOT))
+from tools.run_workflow import has_control_widget  # noqa: E402 (the frontend's rule, in one place)
+
 OUT_DIR = REPO_ROOT / "example_workflows"
 
 FRONTEND_VERSION = "1.32.9"
@@ -242,7 +246,7 @@ class Workflow:
                     and value not in options["options"]:
                 raise ValueError(f"{node.type}.{name}={value!r} is not one of {options['options']}")
             values.append(value)
-            if kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
+            if has_control_widget(name, kind, options):
                 values.append(node.widgets.get(f"{name}:control", "fixed"))
         values += [value for _, _, _, value in self._frontend_widgets(node.info)]
         return values
@@ -713,8 +717,6 @@ def dumps(workflow: Mapping[str, Any]) -> str:
 
 
 def fetch_object_info(url: str | None) -> dict[str, Any]:
-    if str(REPO_ROOT) not in sys.path:  # run as a script: make the `tools` package importable
-        sys.path.insert(0, str(REPO_ROOT))
     from tools.comfy_server import ComfyClient, ComfyServer, make_base_dir
 
     if url:

@@ -89,10 +89,16 @@ def widget_inputs(node_info: Mapping[str, Any]) -> list[tuple[str, list[Any]]]:
     return widgets
 
 
+def has_control_widget(name: str, kind: str, options: Mapping[str, Any]) -> bool:
+    """Whether the frontend gives this input a "control after generate" widget (one more value in
+    ``widgets_values``): an INT whose spec asks for one, or, where the spec does not say (no key or
+    None, not False), an INT named seed / noise_seed. The frontend's own rule: ``flag ?? by name``."""
+    flag = options.get("control_after_generate")
+    return kind == "INT" and (bool(flag) if flag is not None else name in ("seed", "noise_seed"))
+
+
 def _has_control_widget(name: str, spec: list[Any]) -> bool:
-    kind, options = _spec_kind(spec)
-    # The frontend adds "control after generate" to INT seeds, flagged or by name.
-    return kind == "INT" and bool(options.get("control_after_generate") or name in ("seed", "noise_seed"))
+    return has_control_widget(name, *_spec_kind(spec))
 
 
 def _is_upload_combo(spec: list[Any]) -> bool:
