@@ -128,8 +128,11 @@ def test_textfit_names_a_text_encoder_family_it_cannot_serve():
     def clip_of(encoder: str, tokenizer: str):  # noqa: ANN202 (what ComfyUI's CLIP object holds)
         return type("CLIP", (), {"cond_stage_model": type(encoder, (), {})(), "tokenizer": type(tokenizer, (), {})()})()
 
-    for encoder, tokenizer, why in (("SD3ClipModel", "SD3Tokenizer", "SD3"), ("FluxClipModel", "FluxTokenizer", "Flux"),
-                                    ("SDXLRefinerClipModel", "SDXLTokenizer", "refiner"),
+    # Each known family with the reason it is refused; an unknown one by its class name alone.
+    for encoder, tokenizer, why in (("SD3ClipModel", "SD3Tokenizer", "T5-XXL, 4096-wide tokens"),
+                                    ("FluxClipModel", "FluxTokenizer", "a transformer, not a UNet"),
+                                    ("SDXLRefinerClipModel", "SDXLTokenizer", "CLIP-G alone"),
+                                    ("SD2ClipModel", "SD2Tokenizer", "OpenCLIP-H"),
                                     ("SomeNewClipModel", "SomeTokenizer", "")):
         with pytest.raises(errors.TextEncoderError, match=encoder) as err:
             fit_nodes.text_encoder_family(clip_of(encoder, tokenizer))
