@@ -234,7 +234,7 @@ def window_digest(window: torch.Tensor) -> bytes:
     """A 256-bit digest of a window's samples (dtype, shape and bytes): equal only for equal windows."""
     data = window.detach().to("cpu").contiguous()
     digest = hashlib.blake2b(f"{data.dtype}{tuple(data.shape)}".encode(), digest_size=32)
-    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return digest.digest()
 
 
@@ -293,19 +293,22 @@ class ChangePoints:
 def novelty_curve(embeds: torch.Tensor, span: int, chunk: int = 2048) -> torch.Tensor:
     """``[F, D]`` -> ``[F]``: ``1 - cos(mean(e[i - span : i]), mean(e[i : i + span]))`` (0 at frame 0).
 
-    Running sums, compared ``chunk`` frames at a time: one extra ``[F, D]`` tensor at most.
+    Running sums over ``chunk`` frames (and ``span`` either side) at a time: memory is one chunk,
+    not a second ``[F, D]`` tensor (28 MB for 10 minutes at 24 fps).
     """
     f = embeds.shape[0]
     span = max(1, span)
-    csum = embeds.new_zeros(f + 1, embeds.shape[1], dtype=torch.float32)  # [F + 1, D], row 0 = 0
-    torch.cumsum(embeds.float(), 0, out=csum[1:])
     novelty = torch.zeros(f)
     for first in range(0, f, chunk):
-        idx = torch.arange(first, min(first + chunk, f))
+        last = min(first + chunk, f)
+        lo_edge, hi_edge = max(first - span, 0), min(last + span, f)
+        csum = embeds.new_zeros(hi_edge - lo_edge + 1, embeds.shape[1], dtype=torch.float32)  # row 0 = 0
+        torch.cumsum(embeds[lo_edge:hi_edge].float(), 0, out=csum[1:])
+        idx = torch.arange(first, last)
         lo, hi = (idx - span).clamp(min=0), (idx + span).clamp(max=f)
-        before = csum[idx] - csum[lo]
-        after = csum[hi] - csum[idx]
-        novelty[first : first + len(idx)] = (1 - F.cosine_similarity(before, after, dim=-1)).clamp(min=0)
+        before = csum[idx - lo_edge] - csum[lo - lo_edge]
+        after = csum[hi - lo_edge] - csum[idx - lo_edge]
+        novelty[first:last] = (1 - F.cosine_similarity(before, after, dim=-1)).clamp(min=0)
     novelty[0] = 0.0
     return novelty
 
