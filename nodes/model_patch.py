@@ -25,6 +25,12 @@ of a run it checks that every one of its layers was reached (a later wrapper may
 entries without calling them). Either failure raises :class:`AudioNotReachedError`, which names
 what stood in the way and the order that works.
 
+**Per-frame tokens.** Tokens with one row per frame give latent i row i, in the cond half of the
+UNet batch (the uncond half hears silence). The row count must equal the latent batch: an
+OUTER_SAMPLE wrapper refuses any other before the first step, and a UNet call holding a context
+window of the frames (core Context Windows, AnimateDiff-Evolved) hears that window's rows
+(:func:`frame_window`); any other split is the same :class:`FrameBatchError`, never a repeat or cut.
+
 Cost per step: the audio keys/values of every layer, for the sound and for silence, are computed
 once when the node runs (:class:`~clap2diffusion_core.audio_attention.AudioKV`), held in their own
 ModelPatcher (an additional model of the patched MODEL, so ComfyUI loads them with the UNet and
