@@ -54,12 +54,13 @@ def pooled_share(strength: float) -> float:
     return min(1.0, max(0.0, strength * POOLED_SHARE_PER_STRENGTH))
 
 
-def mix_pooled(text: torch.Tensor, audio: torch.Tensor, strength: float) -> torch.Tensor:
+def mix_pooled(text: torch.Tensor, audio: torch.Tensor, strength: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``text [B, P]`` (the conditioning's ``pooled_output``) and ``audio [B', P]`` ->
     ``text + share * (audio - text)`` with ``share = pooled_share(strength)``: a straight line from
     the text's pooled vector to the sound's, never past it (both have the text encoder's norm, so
-    the result stays in the range SDXL was trained on). Batches of one broadcast as in
-    :func:`append_audio_tokens`. Strength 0 is the caller's business (it returns the input).
+    the result stays in the range SDXL was trained on). ``weight [B']`` (per-frame weights) scales
+    the strength row by row. Batches of one broadcast as in :func:`append_audio_tokens`. Strength 0
+    is the caller's business (it returns the input).
     """
     if text.ndim != 2 or audio.ndim != 2:
         raise ValueError(f"expected [B, P] pooled vectors, got {tuple(text.shape)}, {tuple(audio.shape)}")
@@ -71,7 +72,10 @@ def mix_pooled(text: torch.Tensor, audio: torch.Tensor, strength: float) -> torc
     if text.shape[0] != audio.shape[0] and 1 not in (text.shape[0], audio.shape[0]):
         raise ValueError(f"batch sizes differ: {text.shape[0]} pooled text rows, {audio.shape[0]} audio rows")
     audio = audio.to(device=text.device, dtype=text.dtype)
-    return text + pooled_share(strength) * (audio - text)
+    if weight is None:
+        return text + pooled_share(strength) * (audio - text)
+    share = (weight.to(audio) * strength * POOLED_SHARE_PER_STRENGTH).clamp(0.0, 1.0)[:, None]  # [B', 1]
+    return text + share * (audio - text)
 
 
 def apply_audio_to_conditioning(conditioning: list[list[Any]], audio: AudioTokens, strength: float) -> list[list[Any]]:
@@ -95,6 +99,6 @@ def apply_audio_to_conditioning(conditioning: list[list[Any]], audio: AudioToken
     for text, options in conditioning:
         options = options.copy()
         if audio.pooled is not None and options.get("pooled_output") is not None:
-            options["pooled_output"] = mix_pooled(options["pooled_output"], audio.pooled, strength)
+            options["pooled_output"] = mix_pooled(options["pooled_output"], audio.pooled, strength, audio.pooled_weight)
         out.append([append_audio_tokens(text, tokens, strength), options])
     return out

@@ -1,7 +1,7 @@
 """The audio-tokens file: one sound's :class:`~.types.AudioTokens` as safetensors, encoded once, shared.
 
 Tensors ``tokens [B, N, C]`` (fp32), ``token_levels [N]`` (int64), ``level_scale [3]`` (fp32) and,
-from an SDXL-family file, ``pooled [B, P]`` (fp32);
+from an SDXL-family file, ``pooled [B, P]`` (fp32) and, per-frame, ``pooled_weight [B]``;
 metadata ``format`` (``clap2diffusion-audio-tokens``), ``format_version``, ``source`` (the
 fingerprint of the CLAP2Diffusion file that made them), ``source_name``, ``context_dim`` and
 ``num_tokens``. Loading refuses pickles, cut files and safetensors that are not audio tokens,
@@ -34,6 +34,8 @@ def save_tokens(tokens: AudioTokens, path: str | os.PathLike) -> None:
     }
     if tokens.pooled is not None:
         tensors["pooled"] = tokens.pooled.detach().to("cpu", torch.float32).contiguous()
+    if tokens.pooled_weight is not None:
+        tensors["pooled_weight"] = tokens.pooled_weight.detach().to("cpu", torch.float32).contiguous()
     save_file(
         tensors,
         os.fspath(path),
@@ -71,7 +73,7 @@ def load_tokens(path: str | os.PathLike) -> AudioTokens:
             missing = [k for k in TENSORS if k not in keys]
             if missing or "source" not in metadata:
                 raise TokensFileError(f"{name}: audio-tokens file without {missing or ['source']}; save it again.")
-            tensors = {k: f.get_tensor(k) for k in (*TENSORS, "pooled") if k in keys}
+            tensors = {k: f.get_tensor(k) for k in (*TENSORS, "pooled", "pooled_weight") if k in keys}
     except (SafetensorError, OSError) as err:
         raise TokensFileError(f"{name}: unreadable safetensors file ({err}); save or copy it again") from err
     try:
@@ -82,6 +84,7 @@ def load_tokens(path: str | os.PathLike) -> AudioTokens:
             source=metadata["source"],
             source_name=metadata.get("source_name", ""),
             pooled=tensors["pooled"].float() if "pooled" in tensors else None,
+            pooled_weight=tensors["pooled_weight"].float() if "pooled_weight" in tensors else None,
         )
     except ValueError as err:
         raise TokensFileError(f"{name}: inconsistent audio-tokens file ({err}); save it again.") from err

@@ -77,6 +77,8 @@ class AudioTokens:
         pooled: ``[B, P]`` the audio's pooled vector (SDXL: P = 1280, CLIP-G's width) from a file
             with a pooled head; None for SD1.5 files. Apply Audio to Conditioning mixes it into the
             conditioning's ``pooled_output``; the level weights do not act on it.
+        pooled_weight: ``[B]`` per-row weight of the pooled mix (Scale Audio Tokens per Frame sets it
+            to the frame weights that scale the token rows), None for 1.
     """
 
     tokens: torch.Tensor
@@ -85,6 +87,7 @@ class AudioTokens:
     source: str
     source_name: str = ""
     pooled: torch.Tensor | None = None
+    pooled_weight: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3:
@@ -98,6 +101,8 @@ class AudioTokens:
         if self.pooled is not None and (self.pooled.ndim != 2 or self.pooled.shape[0] != self.tokens.shape[0]):
             raise ValueError(f"pooled must be [B, P] with the tokens' B, got {tuple(self.pooled.shape)} "
                              f"for tokens {tuple(self.tokens.shape)}")
+        if self.pooled_weight is not None and (self.pooled is None or self.pooled_weight.shape != self.pooled.shape[:1]):
+            raise ValueError("pooled_weight must be [B], one per pooled row")
 
     @property
     def context_dim(self) -> int:

@@ -240,11 +240,15 @@ class ScaleAudioTokensPerFrame(io.ComfyNode):
             )
         scale = torch.tensor(values, dtype=tokens.dtype, device=tokens.device) * multiply + add
         rows = tokens.expand(len(values), -1, -1) * scale[:, None, None]
-        # An SDXL file's pooled vector follows the rows, unweighted (a norm-fixed direction, mixed in
-        # by Apply Audio to Conditioning's strength).
+        # An SDXL file's pooled vector follows the rows; a norm-fixed direction cannot be scaled, so
+        # each row's weight scales its share in Apply Audio to Conditioning's pooled mix instead.
         pooled = audio_tokens.pooled
-        pooled = None if pooled is None else pooled.expand(len(values), -1)
-        return io.NodeOutput(dataclasses.replace(audio_tokens, tokens=rows, pooled=pooled))
+        if pooled is None:
+            return io.NodeOutput(dataclasses.replace(audio_tokens, tokens=rows))
+        weight = scale.to(pooled) if audio_tokens.pooled_weight is None else \
+            audio_tokens.pooled_weight.to(pooled).expand(len(values)) * scale.to(pooled)
+        return io.NodeOutput(dataclasses.replace(audio_tokens, tokens=rows, pooled=pooled.expand(len(values), -1),
+                                                 pooled_weight=weight))
 
 
 class AudioToPromptSchedule(io.ComfyNode):

@@ -217,3 +217,26 @@ def test_textfit_command_line_fits_sdxl_from_the_single_file_checkpoint(sdxl_che
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["text_encoder"].startswith("sdxl CLIP-L + CLIP-G")
     print(f"\nSDXL fit-text timings: {json.dumps(report['seconds'])}, targets_per_s {report.get('targets_per_s')}")
+
+
+def test_textfit_sdxl_pooled_vector_follows_per_frame_token_rows():
+    """Scale Audio Tokens per Frame makes one token row per frame; an SDXL file's pooled vector gets
+    one row per frame too, and each frame's weight scales its share of the pooled mix as it scales
+    its tokens: a frame at weight 0 keeps the text's pooled vector."""
+    schedule_nodes = load("nodes.schedule_nodes")
+    types = load("clap2diffusion_core.types")
+    conditioning = load("clap2diffusion_core.conditioning")
+    pooled = torch.randn(1, 1280)
+    audio = types.AudioTokens(tokens=torch.ones(1, 77, 2048), token_levels=torch.zeros(77, dtype=torch.long),
+                              level_scale=torch.ones(3), source="f" * 16, pooled=pooled)
+    out = schedule_nodes.ScaleAudioTokensPerFrame.execute(audio, [0.0, 0.5, 1.0], 1.0, 0.0).result[0]
+    assert out.tokens.shape == (3, 77, 2048) and out.tokens[0].abs().max() == 0
+    assert out.pooled.shape == (3, 1280) and out.pooled_weight.tolist() == [0.0, 0.5, 1.0]
+
+    text = torch.randn(1, 1280)
+    (_, options), = conditioning.apply_audio_to_conditioning([[torch.zeros(1, 77, 2048), {"pooled_output": text}]],
+                                                            out, 2.0)
+    mixed = options["pooled_output"]  # [3, 1280]: shares 0, 0.5, 1 at strength 2
+    torch.testing.assert_close(mixed[0], text[0])
+    torch.testing.assert_close(mixed[1], 0.5 * (text[0] + pooled[0]))
+    torch.testing.assert_close(mixed[2], pooled[0])

@@ -36,6 +36,24 @@ def test_a_round_trip_keeps_tokens_levels_weights_and_source(model, tmp_path):
         random_model(stage=2, layout="tiny", seed=5).check_tokens(loaded)
 
 
+def test_an_sdxl_files_pooled_vector_survives_the_round_trip(model, tmp_path):
+    """Tokens from a file with a pooled head (SDXL) carry the pooled vector [B, 1280] through the file;
+    SD1.5 tokens have none before or after."""
+    assert load_tokens_after_save(tokens_of(model), tmp_path / "sd15.safetensors").pooled is None
+    from clap2diffusion_core.training.textfit import TextFitConfig, new_model
+
+    sdxl = new_model(TextFitConfig(projector={"width": 64, "num_layers": 1, "num_heads": 4}), 2048, 1280, 3.0).eval()
+    tokens = tokens_of(sdxl)
+    assert tokens.pooled.shape == (2, 1280)
+    loaded = load_tokens_after_save(tokens, tmp_path / "sdxl.safetensors")
+    assert torch.equal(loaded.pooled, tokens.pooled) and torch.equal(loaded.tokens, tokens.tokens)
+
+
+def load_tokens_after_save(tokens, path):
+    save_tokens(tokens, path)
+    return load_tokens(path)
+
+
 def test_pickles_model_files_and_cut_files_are_refused_naming_what_they_are(model, tmp_path):
     with open(tmp_path / "p.safetensors", "wb") as f:
         pickle.dump({"tokens": [1.0]}, f)
