@@ -173,23 +173,26 @@ class CLAP2DiffusionModel(nn.Module):
             )
         flat = [levels.tokens, levels.assignment, levels.level_weights]
         first, inverse = distinct_rows(torch.cat([t.reshape(t.shape[0], -1) for t in flat], dim=1))
-        if first is None:
-            tokens = self.projector(levels)
-        else:
-            unique = replace(
+        rows = levels  # each distinct row once (see distinct_rows), then one row per input row
+        if first is not None:
+            rows = replace(
                 levels,
                 tokens=levels.tokens[first],
                 assignment=levels.assignment[first],
                 level_weights=levels.level_weights[first],
             )
-            tokens = self.projector(unique)[inverse]
+        tokens = self.projector(rows)
+        pooled = None if self.pooled_head is None else self.pooled_head(rows)
+        if first is not None:
+            tokens = tokens[inverse]
+            pooled = None if pooled is None else pooled[inverse]
         return AudioTokens(
             tokens=tokens,
             token_levels=self.projector.token_levels.clone(),
             level_scale=levels.level_scale.clone(),
             source=self.fingerprint,
             source_name=self.name,
-            pooled=None if self.pooled_head is None else self.pooled_head(levels),
+            pooled=pooled,
         )
 
     def check_tokens(self, tokens: AudioTokens, what: str = "this node") -> None:

@@ -205,6 +205,22 @@ def test_schedule_equal_embeddings_give_bitwise_equal_tokens_whatever_the_batch(
     assert torch.equal(levels.tokens[0], levels.tokens[2]) and not torch.equal(levels.tokens[0], levels.tokens[1])
 
 
+def test_schedule_equal_embeddings_give_bitwise_equal_pooled_vectors_too() -> None:
+    """SDXL-family files also project a pooled vector per row: the same rule holds for it."""
+    from clap2diffusion_core.model import CLAP2DiffusionModel, ModelConfig
+    from clap2diffusion_core.pooled_head import PooledHeadConfig
+    from clap2diffusion_core.projector import ProjectorConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(base_family="sdxl", projector=ProjectorConfig(context_dim=2048), pooled=PooledHeadConfig())
+    model = CLAP2DiffusionModel(config).eval()
+    sound = F.normalize(torch.randn(1, config.decomposer.clap_dim), dim=-1)
+    frames = model.project(model.encode(sound[[0] * 8]))
+    alone = model.project(model.encode(sound))
+    assert frames.pooled is not None and frames.pooled.shape == (8, 1280)
+    assert all(torch.equal(row, alone.pooled[0]) for row in frames.pooled)
+
+
 # --------------------------------------------------------------------------------------------
 # Prompt schedule
 
