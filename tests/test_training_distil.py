@@ -32,7 +32,8 @@ from clap2diffusion_core.training.distil import (
 )
 from clap2diffusion_core.training.distil_smoke import run_distil_smoke
 from clap2diffusion_core.training.trainer import find_checkpoint, train_stage
-from tools.comfy_server import Graph
+from tools import test_models as tm
+from tools.comfy_server import ExecutionFailed, Graph
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,11 +143,11 @@ def test_distil_smoke_learns(smoke):
     assert grid_difference(folder / "step-000040.png", 3)["student_neutral"] > 0
 
 
-def _model_graph(file: str, strength: float | None, prefix: str) -> Graph:
+def _model_graph(file: str, strength: float | None, prefix: str, checkpoint: str = CHECKPOINT) -> Graph:
     """Checkpoint -> (Apply Audio to Model with the distilled file) -> KSampler, 64 px, 1 step;
     ``strength=None``: no audio nodes at all."""
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=checkpoint)
     model = ckpt[0]
     if strength is not None:
         tokens = audio_tokens(g, "thunder.wav", clap2diffusion=file)
@@ -226,3 +227,58 @@ def test_distil_two_processes_train_like_one_for_stage1_stage2_and_distil(tmp_pa
     train_stage(load_config("distil", one), progress=False)
     _assert_same_weights(tmp_path / f"one/distil/{DISTIL_FILE_NAME}.safetensors",
                          tmp_path / f"two/distil/{DISTIL_FILE_NAME}.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------
+# SDXL: the Segmind Vega test checkpoint (slow: a 745M UNet and CLIP-G on the CPU)
+
+
+@pytest.fixture(scope="module")
+def sdxl_distil(tmp_path_factory, test_models):
+    """One distillation step on the Vega UNet: 4 captions, 4x4 latents (32 px), batch 1."""
+    import gc
+
+    vega = tm.sdxl_checkpoint()
+    out = tmp_path_factory.mktemp("distil-sdxl")
+    overrides = distil_overrides(out, str(vega), str(test_models.clap_folder), steps=1, **{
+        "data.batch_size": 1, "eval_batch_size": 1, "distil.corpus_size": 4, "distil.heldout": 1, "optim.warmup_steps": 0,
+        "distil.sampler_steps": 2, "distil.teacher_steps": 1, "loss.audio_dropout": 0.0})
+    result = train_stage(load_config("distil", overrides), progress=False)
+    gc.collect()  # the UNet and text encoders go before the server loads its own copy
+    return result
+
+
+@pytest.mark.slow
+def test_distil_sdxl_step_runs_on_the_vega_unet(sdxl_distil):
+    """The adapter layout comes from the UNet's own cross-attention layers: Vega's 15 (widths 640
+    and 1280, 64-channel heads), the tokens 2048 wide; the step moved the gates off 0."""
+    from clap2diffusion_core.adapters import ldm_unet_layout
+    from clap2diffusion_core.unet_configs import SEGMIND_VEGA_UNET_CONFIG, layout_args
+
+    model = load_checkpoint(sdxl_distil.file)
+    assert model.config.base_family == "sdxl" and model.config.context_dim == 2048
+    vega_layers = ldm_unet_layout(**layout_args(SEGMIND_VEGA_UNET_CONFIG))
+    assert model.config.adapter == adapter_config(vega_layers, 2048)
+    assert len(model.adapter) == 15
+    assert float(model.adapter.gates().abs().min()) > 0
+    assert all(np.isfinite(v) for _, values in sdxl_distil.heldout_losses for v in values.values())
+
+
+@pytest.mark.slow
+def test_distil_sdxl_file_drives_apply_audio_to_model_and_the_other_family_is_refused(
+        sdxl_distil, smoke, comfy_server, comfy):
+    folder = comfy_server.base_dir / "models" / "clap2diffusion"
+    folder.mkdir(parents=True, exist_ok=True)
+    sdxl_name, sd15_name = "distil-sdxl.safetensors", "distil-sd15-for-vega.safetensors"
+    shutil.copy(sdxl_distil.file, folder / sdxl_name)
+    shutil.copy(smoke["file"], folder / sd15_name)
+    # The session's server lists the tiny SD1.5 only; ComfyUI rescans a folder that changed.
+    vega = Path(tm.SDXL_CHECKPOINT).name
+    link = comfy_server.base_dir / "models" / "checkpoints" / vega
+    if not link.exists():
+        link.symlink_to(tm.sdxl_checkpoint())
+    image, = saved_images(comfy, comfy.wait(comfy.queue(_model_graph(sdxl_name, 1.0, "distil-sdxl", vega).prompt()),
+                                            timeout=900))
+    assert image.shape == (64, 64, 3)
+    with pytest.raises(ExecutionFailed, match="made for a UNet with 4 cross-attention layers"):
+        comfy.wait(comfy.queue(_model_graph(sd15_name, 1.0, "distil-sd15-on-vega", vega).prompt()), timeout=900)

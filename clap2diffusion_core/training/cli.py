@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distil", help="distil the audio adapter from the base UNet (no data set)")
     p.add_argument("--config", default="distil", help="distil (shipped) or a YAML file")
-    p.add_argument("--sd15", help="= sd15: single-file SD1.5 checkpoint (teacher, student and the grid's VAE)")
+    p.add_argument("--checkpoint", "--sd15", dest="sd15",
+                   help="= sd15: single-file SD1.5 or SDXL-family checkpoint (teacher, student, the grid's VAE)")
     p.add_argument("--clap", help="= distil.clap: CLAP model with its text tower")
     p.add_argument("--init-from", help="= init_from: a text-fitted stage-1 file (fit-text) to start from")
     p.add_argument("--output-dir", help="= output_dir (writes <output_dir>/distil/)")

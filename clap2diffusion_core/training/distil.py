@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 @dataclass
 class CaptionSet:
     """The corpus, encoded once: ``clap [M, 512]`` (CLAP text, unit), ``text [M, 77, C]`` (the
-    teacher's context), ``neutral [1, 77, C]`` (the empty prompt); ``train`` / ``heldout`` rows."""
+    teacher's context), ``neutral [1, 77, C]`` (the empty prompt); ``train`` / ``heldout`` rows.
+    SDXL adds the pooled text ``pooled [M, 1280]`` and ``neutral_pooled [1, 1280]``."""
 
     captions: list[str]
     clap: torch.Tensor
@@ -66,6 +67,8 @@ class CaptionSet:
     neutral: torch.Tensor
     train: list[int]
     heldout: list[int]
+    pooled: torch.Tensor | None = None
+    neutral_pooled: torch.Tensor | None = None
 
     def dataset(self, rows: Sequence[int]) -> CaptionDataset:
         return CaptionDataset(self, list(rows))
@@ -81,9 +84,11 @@ class CaptionDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = self.rows[i]
-        return {"clap": self.captions.clap[row], "text": self.captions.text[row].float(),
-                "caption_index": torch.tensor(row)}
+        row, c = self.rows[i], self.captions
+        item = {"clap": c.clap[row], "text": c.text[row].float(), "caption_index": torch.tensor(row)}
+        if c.pooled is not None:
+            item["pooled"] = c.pooled[row]
+        return item
 
 
 def split_corpus(size: int, heldout: int, seed: int) -> tuple[list[int], list[int]]:
@@ -94,8 +99,10 @@ def split_corpus(size: int, heldout: int, seed: int) -> tuple[list[int], list[in
 
 def encode_captions(config: StageConfig, batch_size: int = 32) -> CaptionSet:
     """Build the corpus of ``config.distil`` and encode it with CLAP's text tower and the
-    checkpoint's CLIP-L (float32 CLAP, float16-stored CLIP states to halve the memory)."""
+    checkpoint's text encoder: SD1.5's CLIP-L, or SDXL's CLIP-L + CLIP-G with CLIP-G's pooled output
+    (float32 CLAP, float16-stored text states to halve the memory)."""
     from ..clap import load_clap_tower
+    from ..sdxl import checkpoint_family, load_sdxl_text_encoder
     from .encoders import load_text_encoder
 
     d = config.distil
@@ -104,12 +111,14 @@ def encode_captions(config: StageConfig, batch_size: int = 32) -> CaptionSet:
     clap = load_clap_tower(d.clap, "text")
     clap_rows = [clap.encode_text(captions[i:i + batch_size]).float().clone() for i in range(0, len(captions), batch_size)]
     del clap
-    clip = load_text_encoder(config.sd15, d.tokenizer)
-    text_rows = [clip(captions[i:i + batch_size])[0].half() for i in range(0, len(captions), batch_size)]
-    neutral = clip([""])[0].float()
+    sdxl = checkpoint_family(config.sd15) == "sdxl"
+    clip = load_sdxl_text_encoder(config.sd15, d.tokenizer) if sdxl else load_text_encoder(config.sd15, d.tokenizer)
+    encoded = [clip(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)]
+    neutral, neutral_pooled = clip([""])
     train, heldout = split_corpus(len(captions), d.heldout, d.corpus_seed)
-    return CaptionSet(captions, F.normalize(torch.cat(clap_rows), dim=-1), torch.cat(text_rows), neutral,
-                      train, heldout)
+    return CaptionSet(captions, F.normalize(torch.cat(clap_rows), dim=-1), torch.cat([h.half() for h, _ in encoded]),
+                      neutral.float(), train, heldout, pooled=torch.cat([p for _, p in encoded]) if sdxl else None,
+                      neutral_pooled=neutral_pooled.float() if sdxl else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,7 +148,7 @@ class DistilModule(nn.Module):
     (``draw``, ``forward(batch, temperature) -> (loss, terms, stats)``). Parameters: the model's."""
 
     def __init__(self, model: CLAP2DiffusionModel, config: StageConfig, frozen: FrozenUNet,
-                 neutral: torch.Tensor) -> None:
+                 neutral: torch.Tensor, neutral_pooled: torch.Tensor | None = None) -> None:
         super().__init__()
         if frozen is None or frozen.hook is None or model.adapter is None:
             raise ValueError("the distillation needs the frozen UNet with the adapter attached")
@@ -151,6 +160,12 @@ class DistilModule(nn.Module):
         self.audio_dropout = config.loss.audio_dropout
         self.frozen = frozen  # a plain holder: not a submodule (not saved, not all-reduced)
         self.register_buffer("neutral", neutral.float(), persistent=False)  # [1, 77, C]
+        # SDXL: the UNet also takes the pooled text and the size/crop ids (added_cond_kwargs).
+        self.sdxl = getattr(frozen.unet.config, "addition_embed_type", None) == "text_time"
+        if self.sdxl and neutral_pooled is None:
+            raise ValueError("an SDXL UNet needs the pooled text of the neutral prompt")
+        if self.sdxl:
+            self.register_buffer("neutral_pooled", neutral_pooled.float(), persistent=False)  # [1, 1280]
         train_steps = frozen.scheduler.config.num_train_timesteps
         self.register_buffer("grid", ddim_grid(config.distil.sampler_steps, train_steps), persistent=False)
         self.register_buffer("alphas", frozen.scheduler.alphas_cumprod.float().clone(), persistent=False)
@@ -184,19 +199,35 @@ class DistilModule(nn.Module):
 
     # ---- teacher
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+              pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen UNet; ``pooled [B, 1280]`` (SDXL; default the neutral prompt's)."""
         f = self.frozen
-        return f.unet(x.to(f.dtype), t, encoder_hidden_states=context.to(f.dtype)).sample.float()
+        extra = {}
+        if self.sdxl:
+            from ..sdxl import time_ids
+
+            pooled = self.neutral_pooled.expand(x.shape[0], -1) if pooled is None else pooled
+            side = 8 * x.shape[-1]
+            extra["added_cond_kwargs"] = {"text_embeds": pooled.to(f.dtype),
+                                          "time_ids": time_ids(side, side, x.shape[0]).to(x.device, f.dtype)}
+        return f.unet(x.to(f.dtype), t, encoder_hidden_states=context.to(f.dtype), **extra).sample.float()
+
+    def _neutral_pooled(self, n: int) -> torch.Tensor | None:
+        return self.neutral_pooled.expand(n, -1) if self.sdxl else None
 
     @torch.no_grad()
-    def teacher(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def teacher(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(u + g (c - u), u)``: the teacher's prediction and the neutral one (None when ``g`` is 1,
         where the neutral prediction is not needed for it)."""
         g = self.distil.guidance_scale
         if g == 1.0:
-            return self._unet(x, t, text), None
-        neutral = self.neutral.expand(x.shape[0], -1, -1)
-        u, c = self._unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([neutral, text])).chunk(2)
+            return self._unet(x, t, text, pooled), None
+        n = x.shape[0]
+        neutral = self.neutral.expand(n, -1, -1)
+        both = None if pooled is None else torch.cat([self._neutral_pooled(n), pooled])
+        u, c = self._unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([neutral, text]), both).chunk(2)
         return u + g * (c - u), u
 
     @torch.no_grad()
@@ -204,15 +235,15 @@ class DistilModule(nn.Module):
         """``(x [B, 4, s, s], t [B], target [B, 4, s, s])``: each row's state (the teacher's after
         ``steps`` DDIM steps from ``noise``, or the noise itself at ``pure_t``), its timestep, and the
         target there (the teacher's prediction; the neutral one for rows with dropped audio)."""
-        x, steps, text = batch["noise"].float(), batch["steps"], batch["text"]
+        x, steps, text, pooled = batch["noise"].float(), batch["steps"], batch["text"], batch.get("pooled")
         grid, alphas = self.grid, self.alphas
         for k in range(int(steps.max())):
             t = grid[k].expand(x.shape[0])
-            eps, _ = self.teacher(x, t, text)
+            eps, _ = self.teacher(x, t, text, pooled)
             stepped = ddim_step(x, eps, alphas[t], alphas[grid[k + 1]].expand(x.shape[0]))
             x = torch.where((steps > k).view(-1, 1, 1, 1), stepped, x)
         t = torch.where(steps == 0, batch["pure_t"], grid[steps])
-        target, neutral = self.teacher(x, t, text)
+        target, neutral = self.teacher(x, t, text, pooled)
         drop = batch["drop_audio"]
         if bool(drop.any()):
             if neutral is None:
@@ -267,7 +298,7 @@ def heldout_gain(heldout_losses: Sequence[tuple[int, dict[str, float]]]) -> floa
 
 @torch.no_grad()
 def sample_columns(module: DistilModule, clap: torch.Tensor, text: torch.Tensor, temperature: float,
-                   steps: int, guidance: float, seed: int) -> torch.Tensor:
+                   steps: int, guidance: float, seed: int, pooled: torch.Tensor | None = None) -> torch.Tensor:
     """``[3, n, 4, s, s]`` latents for ``n`` captions: teacher (text), student (neutral prompt +
     audio tokens of ``clap [n, 512]``), neutral prompt alone; the same seeded noise, DDIM with CFG
     ``guidance`` (uncond: the neutral prompt; the student's with the silence tokens, as ComfyUI's)."""
@@ -289,7 +320,10 @@ def sample_columns(module: DistilModule, clap: torch.Tensor, text: torch.Tensor,
                 with module.frozen.hook.audio(torch.cat([silence, audio]), module.model.projector.token_levels):
                     u, c = module._unet(xx, t, torch.cat([neutral, neutral])).chunk(2)
             else:
-                u, c = module._unet(xx, t, torch.cat([neutral, text if column == "teacher" else neutral])).chunk(2)
+                teacher = column == "teacher"
+                both = None if pooled is None else torch.cat(
+                    [module._neutral_pooled(n), pooled if teacher else module._neutral_pooled(n)])
+                u, c = module._unet(xx, t, torch.cat([neutral, text if teacher else neutral]), both).chunk(2)
             eps = u + guidance * (c - u)
             a_next = alphas[grid[k + 1]] if k + 1 < steps else torch.ones((), device=x.device)
             x = ddim_step(x, eps, alphas[grid[k]].expand(n), a_next.expand(n))
@@ -318,7 +352,8 @@ def validation_grid(module: DistilModule, captions: CaptionSet, decoder, tempera
     was_training = module.training
     module.eval()
     try:
-        latents = sample_columns(module, clap, text, temperature, d.grid_steps, d.grid_guidance, d.grid_seed)
+        pooled = None if captions.pooled is None else captions.pooled[rows].to(device)
+        latents = sample_columns(module, clap, text, temperature, d.grid_steps, d.grid_guidance, d.grid_seed, pooled)
     finally:
         module.train(was_training)
     pixels = decoder(latents.flatten(0, 1)).float().cpu()

@@ -249,24 +249,26 @@ def load_latent_encoder(checkpoint: str | os.PathLike) -> LatentEncoder:
 class LatentDecoder(nn.Module):
     """Latents ``[B, 4, h, w]`` in the UNet's space -> images ``[B, 3, 8h, 8w]`` in [-1, 1]."""
 
-    def __init__(self, vae: nn.Module, kind: str, vae_scale: float = 1.0, vae_shift: float = 0.0) -> None:
+    def __init__(self, vae: nn.Module, kind: str, vae_scale: float = 1.0, vae_shift: float = 0.0,
+                 latent_scale: float = SD15_LATENT_SCALE) -> None:
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         self.kind = kind
-        self.vae_scale, self.vae_shift = vae_scale, vae_shift
+        self.vae_scale, self.vae_shift, self.latent_scale = vae_scale, vae_shift, latent_scale
 
     @torch.no_grad()
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        raw = latents.to(next(self.vae.parameters())) / SD15_LATENT_SCALE
+        raw = latents.to(next(self.vae.parameters())) / self.latent_scale
         if self.kind == "taesd":
             # ComfyUI: taesd_decoder((x - shift) * scale) in [0, 1]; DecoderTiny returns 2 y - 1.
             return self.vae((raw - self.vae_shift) * self.vae_scale).float().clamp(-1, 1)
         return self.vae.decode(raw).sample.float().clamp(-1, 1)
 
 
-def load_latent_decoder(checkpoint: str | os.PathLike) -> LatentDecoder:
-    """The VAE decoder of an SD1.5 single-file checkpoint (fp32, CPU): the full ``AutoencoderKL``,
-    or TAESD (``first_stage_model.taesd_decoder.*``, as ComfyUI stores it)."""
+def load_latent_decoder(checkpoint: str | os.PathLike, latent_scale: float = SD15_LATENT_SCALE) -> LatentDecoder:
+    """The VAE decoder of a single-file checkpoint (fp32, CPU): the full ``AutoencoderKL`` (SD1.5's
+    config), or TAESD (``first_stage_model.taesd_decoder.*``, as ComfyUI stores it; SDXL's too, with
+    ``latent_scale`` 0.13025)."""
     from accelerate import init_empty_weights
 
     raw = _read_prefixed(checkpoint, VAE_PREFIX)
@@ -286,7 +288,7 @@ def load_latent_decoder(checkpoint: str | os.PathLike) -> LatentDecoder:
         _load_exact(decoder, state, "TAESD decoder")
         scale = float(raw.get(VAE_PREFIX + "vae_scale", torch.tensor(1.0)))
         shift = float(raw.get(VAE_PREFIX + "vae_shift", torch.tensor(0.0)))
-        return LatentDecoder(decoder, "taesd", scale, shift)
+        return LatentDecoder(decoder, "taesd", scale, shift, latent_scale)
     if VAE_PREFIX + "decoder.conv_in.weight" not in raw:
         raise CheckpointError(f"{checkpoint}: no {VAE_PREFIX}* VAE decoder weights (neither AutoencoderKL nor TAESD)")
     from diffusers import AutoencoderKL
@@ -297,7 +299,7 @@ def load_latent_decoder(checkpoint: str | os.PathLike) -> LatentDecoder:
     with init_empty_weights():
         vae = AutoencoderKL.from_config(config)
     _load_exact(vae, state, "SD1.5 VAE")
-    return LatentDecoder(vae, "kl")
+    return LatentDecoder(vae, "kl", latent_scale=latent_scale)
 
 
 def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:

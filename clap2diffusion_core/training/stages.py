@@ -26,7 +26,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..decomposer import DecomposerConfig
-from ..model import CLAP2DiffusionModel, ModelConfig
+from ..model import BASE_FAMILIES, CLAP2DiffusionModel, ModelConfig
 from ..projector import ProjectorConfig
 from . import losses
 from .config import StageConfig
@@ -51,24 +51,30 @@ class FrozenUNet:
     scheduler: DDPMScheduler
     dtype: torch.dtype
     hook: AudioAdapterHook | None = None
+    #: ``sd15`` or ``sdxl`` (the distillation only: stages 2/3 read SD1.5 feature caches).
+    family: str = "sd15"
 
 
 def load_frozen_unet(
     checkpoint: str | os.PathLike, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool = False
 ) -> FrozenUNet:
-    """The UNet of a single-file SD1.5 checkpoint (via :mod:`clap2diffusion_core.sd15`), frozen,
-    with SD1.5's DDPM training schedule (shipped config)."""
+    """The UNet of a single-file SD1.5 checkpoint (via :mod:`clap2diffusion_core.sd15`) or an
+    SDXL-family one (:mod:`clap2diffusion_core.sdxl`), frozen, with the DDPM training schedule both
+    families share (shipped config)."""
     from diffusers import DDPMScheduler
 
     from ..sd15 import load_unet
+    from ..sdxl import checkpoint_family, load_sdxl_unet
 
-    unet = load_unet(checkpoint, dtype=dtype).to(device).requires_grad_(False)
+    family = checkpoint_family(checkpoint)
+    unet = (load_sdxl_unet(checkpoint, dtype) if family == "sdxl" else load_unet(checkpoint, dtype=dtype))
+    unet = unet.to(device).requires_grad_(False)
     if gradient_checkpointing:
         # Trades compute for activation memory; still frozen, the adapter's gradients pass through.
         unet.enable_gradient_checkpointing()
         unet.train()
     scheduler = DDPMScheduler.from_config(json.loads((CONFIG_DIR / "scheduler_sd15.json").read_text()))
-    return FrozenUNet(unet, scheduler, dtype)
+    return FrozenUNet(unet, scheduler, dtype, family=family)
 
 
 def adapter_config_for(unet: UNet2DConditionModel) -> AdapterConfig:
@@ -89,6 +95,11 @@ def build_model(config: StageConfig, frozen: FrozenUNet | None) -> CLAP2Diffusio
         adapter = source.config.adapter
         if config.stage >= 2 and adapter is None:
             adapter = adapter_config_for(frozen.unet)
+        if frozen is not None and source.config.context_dim != frozen.unet.config.cross_attention_dim:
+            raise CheckpointError(
+                f"{config.init_from}: made for {source.config.base_family} (context_dim {source.config.context_dim}), "
+                f"but the UNet of {config.sd15} has context_dim {frozen.unet.config.cross_attention_dim}: start "
+                "from a file made for this checkpoint's family (or from none)")
         model_config = dataclasses.replace(source.config, stage=config.stage, adapter=adapter)
         model = CLAP2DiffusionModel(model_config)
         result = model.load_state_dict(source.state_dict(), strict=False)
@@ -96,14 +107,18 @@ def build_model(config: StageConfig, frozen: FrozenUNet | None) -> CLAP2Diffusio
             raise CheckpointError(f"{config.init_from}: does not fit the stage-{config.stage} model: {result}")
         fresh_adapter = bool(result.missing_keys)
     else:
+        projector, family = dict(config.model.projector), config.model.base_family
         if config.stage >= 2:
             adapter = adapter_config_for(frozen.unet)
+            # The tokens go where the UNet's text goes: its context size names the family.
+            projector["context_dim"] = frozen.unet.config.cross_attention_dim
+            family = {v: k for k, v in BASE_FAMILIES.items()}.get(projector["context_dim"], family)
         model = CLAP2DiffusionModel(
             ModelConfig(
-                base_family=config.model.base_family,
+                base_family=family,
                 stage=config.stage,
                 decomposer=DecomposerConfig.from_dict(config.model.decomposer),
-                projector=ProjectorConfig.from_dict(config.model.projector),
+                projector=ProjectorConfig.from_dict(projector),
                 adapter=adapter,
             )
         )

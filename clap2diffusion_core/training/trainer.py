@@ -213,7 +213,7 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
     if distil:
         from .distil import DistilModule
 
-        module = DistilModule(model, config, frozen, captions.neutral).to(device)
+        module = DistilModule(model, config, frozen, captions.neutral, captions.neutral_pooled).to(device)
     else:
         empty = FeatureCache(config.data.cache).empty_caption() if config.loss.text_dropout else None
         module = StageModule(model, config, frozen, empty).to(device)
@@ -256,9 +256,11 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
         fixed_sets["heldout"] = fixed_batches(heldout, range(len(heldout)), config.seed + 1)
     decoder = None
     if distil and config.distil.grid_every > 0 and accelerator.is_main_process:
-        from .encoders import load_latent_decoder
+        from ..sdxl import SDXL_LATENT_SCALE
+        from .encoders import SD15_LATENT_SCALE, load_latent_decoder
 
-        decoder = load_latent_decoder(config.sd15).to(device)
+        scale = SDXL_LATENT_SCALE if frozen.family == "sdxl" else SD15_LATENT_SCALE
+        decoder = load_latent_decoder(config.sd15, scale).to(device)
 
     @torch.no_grad()
     def evaluate(step: int) -> None:
