@@ -1,11 +1,11 @@
 """SDXL-family UNets and text encoders in diffusers / transformers, from the single file users have.
 
-The training counterpart of :mod:`.sd15` for SDXL (and its distilled relatives, Segmind Vega and
-SSD-1B: fewer levels, transformer depths and middle blocks differ): the diffusers config is read
-off the checkpoint's weight shapes, the weights are renamed by diffusers' own single-file
-converters, and every weight must land. The text conditioning is SDXL's: CLIP-L and CLIP-G
-penultimate hidden states side by side (``[B, 77, 768 + 1280]``) and CLIP-G's projected pooled
-output ``[B, 1280]``, which the UNet takes with the size/crop ids (``added_cond_kwargs``).
+The training counterpart of :mod:`.sd15` for SDXL UNets (and their distilled relatives, Segmind
+Vega and SSD-1B: fewer levels, other transformer depths and middle blocks): the diffusers config is
+read off the checkpoint's weight shapes, the weights are renamed by diffusers' own single-file
+converter, and every weight must land. Besides the text states ``[B, 77, 2048]`` the UNet takes
+CLIP-G's pooled vector ``[B, 1280]`` and the size/crop ids (``added_cond_kwargs``); the text
+encoders are :mod:`.training.sdxl_text`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from .errors import CheckpointError
 from .sd15 import UNET_PREFIX, read_ldm_unet
@@ -24,7 +23,6 @@ from .sd15 import UNET_PREFIX, read_ldm_unet
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
-CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 CLIP_G_PREFIX = "conditioner.embedders.1.model."
 #: SDXL's latent scale (its VAE's ``scaling_factor``; ComfyUI's SDXL latent format).
 SDXL_LATENT_SCALE = 0.13025
@@ -130,86 +128,6 @@ def load_sdxl_unet(
 def time_ids(height: int, width: int, batch: int) -> torch.Tensor:
     """``[B, 6]`` SDXL size/crop ids for an uncropped ``height x width`` image (ComfyUI's default)."""
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(batch, -1)
-
-
-# ------------------------------------------------------------------------------------------------
-# text
-
-
-class SdxlTextEncoder(nn.Module):
-    """Captions -> SDXL's conditioning: ``([B, 77, 2048], [B, 1280])`` (CLIP-L and CLIP-G penultimate
-    hidden states concatenated, and CLIP-G's projected pooled output), as ComfyUI's SDXL CLIP
-    gives them with its default settings."""
-
-    def __init__(self, clip_l: nn.Module, clip_g: nn.Module, tokenizer) -> None:
-        super().__init__()
-        self.clip_l = clip_l.eval().requires_grad_(False)
-        self.clip_g = clip_g.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-
-    @torch.no_grad()
-    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.tokenizer(list(captions), padding="max_length", max_length=77, truncation=True,
-                                return_tensors="pt")
-        ids = tokens["input_ids"].to(next(self.clip_l.parameters()).device)
-        l_out = self.clip_l(input_ids=ids, output_hidden_states=True)
-        g_ids = ids.clone()
-        # CLIP-G pads with 0 (open_clip's "!" token), CLIP-L with the end token (ComfyUI's SDXL).
-        eos = (ids == self.tokenizer.eos_token_id).int().argmax(dim=1)
-        g_ids[torch.arange(ids.shape[1], device=ids.device)[None] > eos[:, None]] = 0
-        g_out = self.clip_g(input_ids=g_ids, output_hidden_states=True)
-        hidden = torch.cat([l_out.hidden_states[-2], g_out.hidden_states[-2]], dim=-1).float()
-        return hidden, g_out.text_embeds.float()
-
-
-def _clip_model(cls, config_kwargs: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig
-
-    with init_empty_weights():
-        model = cls(CLIPTextConfig(**config_kwargs))
-    nested = any(k.startswith("text_model.") for k in model.state_dict())
-    fixed = {}
-    for key, value in state.items():
-        key = key if nested or not key.startswith("text_model.") else key.removeprefix("text_model.")
-        if nested and not key.startswith(("text_model.", "text_projection")):
-            key = "text_model." + key
-        fixed[key] = value.float()
-    expected = set(model.state_dict())
-    fixed = {k: v for k, v in fixed.items() if k in expected or not k.endswith("position_ids")}
-    missing, extra = sorted(expected - fixed.keys()), sorted(fixed.keys() - expected)
-    if missing or extra:
-        raise CheckpointError(f"{what}: the checkpoint does not fit; missing {missing[:5]}, unexpected {extra[:5]}")
-    model.load_state_dict(fixed, strict=True, assign=True)
-    return model
-
-
-CLIP_L_CONFIG = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
-                 "projection_dim": 768, "hidden_act": "quick_gelu", "vocab_size": 49408,
-                 "max_position_embeddings": 77, "eos_token_id": 49407, "bos_token_id": 49406, "pad_token_id": 49407}
-CLIP_G_CONFIG = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
-                 "projection_dim": 1280, "hidden_act": "gelu", "vocab_size": 49408, "max_position_embeddings": 77,
-                 "eos_token_id": 49407, "bos_token_id": 49406, "pad_token_id": 1}
-
-
-def load_sdxl_text_encoder(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> SdxlTextEncoder:
-    """CLIP-L and CLIP-G of an SDXL single-file checkpoint (fp32, CPU), as ComfyUI saves them."""
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from .training.encoders import _read_prefixed, find_clip_tokenizer
-
-    raw_l = _read_prefixed(checkpoint, CLIP_L_PREFIX)
-    raw_g = _read_prefixed(checkpoint, CLIP_G_PREFIX)
-    if not raw_l or not raw_g:
-        raise CheckpointError(f"{checkpoint}: no {CLIP_L_PREFIX}* / {CLIP_G_PREFIX}* weights (SDXL's CLIP-L and CLIP-G)")
-    state_l = {k[len(CLIP_L_PREFIX):]: v for k, v in raw_l.items() if "text_projection" not in k}
-    clip_l = _clip_model(CLIPTextModel, CLIP_L_CONFIG, state_l, "SDXL CLIP-L")
-    with torch.device("meta"):  # the converter reads the model's config only
-        probe = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_CONFIG))
-    state_g = convert_open_clip_checkpoint(probe, raw_g, prefix=CLIP_G_PREFIX)
-    clip_g = _clip_model(CLIPTextModelWithProjection, CLIP_G_CONFIG, state_g, "SDXL CLIP-G")
-    return SdxlTextEncoder(clip_l, clip_g, CLIPTokenizer.from_pretrained(find_clip_tokenizer(tokenizer)))
 
 
 def checkpoint_family(checkpoint: str | os.PathLike) -> str:

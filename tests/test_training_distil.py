@@ -266,12 +266,16 @@ def test_distil_sdxl_step_runs_on_the_vega_unet(sdxl_distil):
 
 @pytest.mark.slow
 def test_distil_sdxl_file_drives_apply_audio_to_model_and_the_other_family_is_refused(
-        sdxl_distil, smoke, comfy_server, comfy):
+        sdxl_distil, comfy_server, comfy):
+    """The distilled Vega file through Apply Audio to Model on the Vega MODEL to an image (64 px,
+    1 step); an SD1.5 adapter file (16 layers, context 768) on the same MODEL gets the layout error."""
+    from clap2diffusion_core.testing import random_checkpoint
+
     folder = comfy_server.base_dir / "models" / "clap2diffusion"
     folder.mkdir(parents=True, exist_ok=True)
-    sdxl_name, sd15_name = "distil-sdxl.safetensors", "distil-sd15-for-vega.safetensors"
+    sdxl_name, sd15_name = "distil-sdxl.safetensors", "sd15-adapter-for-vega.safetensors"
     shutil.copy(sdxl_distil.file, folder / sdxl_name)
-    shutil.copy(smoke["file"], folder / sd15_name)
+    random_checkpoint(folder / sd15_name, stage=3, layout="sd15")
     # The session's server lists the tiny SD1.5 only; ComfyUI rescans a folder that changed.
     vega = Path(tm.SDXL_CHECKPOINT).name
     link = comfy_server.base_dir / "models" / "checkpoints" / vega
@@ -280,5 +284,5 @@ def test_distil_sdxl_file_drives_apply_audio_to_model_and_the_other_family_is_re
     image, = saved_images(comfy, comfy.wait(comfy.queue(_model_graph(sdxl_name, 1.0, "distil-sdxl", vega).prompt()),
                                             timeout=900))
     assert image.shape == (64, 64, 3)
-    with pytest.raises(ExecutionFailed, match="made for a UNet with 4 cross-attention layers"):
+    with pytest.raises(ExecutionFailed, match="made for a UNet with 16 cross-attention layers"):
         comfy.wait(comfy.queue(_model_graph(sd15_name, 1.0, "distil-sd15-on-vega", vega).prompt()), timeout=900)

@@ -102,8 +102,9 @@ def encode_captions(config: StageConfig, batch_size: int = 32) -> CaptionSet:
     checkpoint's text encoder: SD1.5's CLIP-L, or SDXL's CLIP-L + CLIP-G with CLIP-G's pooled output
     (float32 CLAP, float16-stored text states to halve the memory)."""
     from ..clap import load_clap_tower
-    from ..sdxl import checkpoint_family, load_sdxl_text_encoder
+    from ..sdxl import checkpoint_family
     from .encoders import load_text_encoder
+    from .sdxl_text import load_sdxl_text_encoder
 
     d = config.distil
     extra = read_caption_file(d.captions) if d.captions else []
@@ -112,13 +113,37 @@ def encode_captions(config: StageConfig, batch_size: int = 32) -> CaptionSet:
     clap_rows = [clap.encode_text(captions[i:i + batch_size]).float().clone() for i in range(0, len(captions), batch_size)]
     del clap
     sdxl = checkpoint_family(config.sd15) == "sdxl"
-    clip = load_sdxl_text_encoder(config.sd15, d.tokenizer) if sdxl else load_text_encoder(config.sd15, d.tokenizer)
+    if sdxl:
+        clip = SdxlContext(load_sdxl_text_encoder(config.sd15, d.tokenizer))
+    else:
+        clip = load_text_encoder(config.sd15, d.tokenizer)
     encoded = [clip(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)]
     neutral, neutral_pooled = clip([""])
     train, heldout = split_corpus(len(captions), d.heldout, d.corpus_seed)
     return CaptionSet(captions, F.normalize(torch.cat(clap_rows), dim=-1), torch.cat([h.half() for h, _ in encoded]),
                       neutral.float(), train, heldout, pooled=torch.cat([p for _, p in encoded]) if sdxl else None,
                       neutral_pooled=neutral_pooled.float() if sdxl else None)
+
+
+class SdxlContext:
+    """Captions -> SDXL's UNet conditioning as ComfyUI's SDXL CLIP gives it: ``(states [B, 77, 2048],
+    pooled [B, 1280])``, 77 tokens (CLIP-L padded with the end token, CLIP-G with 0), penultimate
+    states of both towers side by side, CLIP-G's projected pooled vector."""
+
+    def __init__(self, encoder) -> None:  # noqa: ANN001 (sdxl_text.SDXLTextEncoder)
+        self.encoder = encoder
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.encoder
+        ids = e.tokenizer(list(captions), padding="max_length", max_length=77, truncation=True,
+                          return_tensors="pt")["input_ids"].to(e.clip_g.device)
+        ends = (ids == e.tokenizer.eos_token_id).int().argmax(dim=1)
+        g_ids = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device)[None] > ends[:, None], 0)
+        out_l = e.clip_l(input_ids=ids, output_hidden_states=True)
+        out_g = e.clip_g(input_ids=g_ids, output_hidden_states=True)
+        states = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1).float()
+        return states, out_g.text_embeds.float()
 
 
 # ------------------------------------------------------------------------------------------------
