@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import soundfile
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,7 @@ def test_builds_are_deterministic_and_follow_the_seed(tmp_path: Path) -> None:
 
 
 
+@pytest.mark.slow  # builds (once, ~40 s) and loads the 3.1 GB checkpoint: about 8 GB of RAM
 def test_sdxl_checkpoint_is_detected_as_segmind_vega_and_samples() -> None:
     """The SDXL-family test checkpoint (built on demand, 3.1 GB): ComfyUI's own loader takes it for
     Segmind Vega with an SDXL CLIP (tokens [1, 77, 2048], pooled [1, 1280]), places every weight

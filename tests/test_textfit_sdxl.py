@@ -2,8 +2,9 @@
 conditioning, and SDXL's targets on both paths (ComfyUI's CLIP, and the single-file checkpoint read
 with transformers).
 
-The first tests run on small constructed targets. The last two read the cached Segmind Vega test
-checkpoint (3.1 GB, built on demand by tools/test_models.py): its CLIP-L + CLIP-G are full size.
+The first tests run on small constructed targets. Two read the cached Segmind Vega test checkpoint
+(3.1 GB, built on demand by tools/test_models.py; its CLIP-L + CLIP-G are full size): they are
+marked slow, so ``make test-quick`` neither builds nor loads it.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def sdxl_checkpoint():
     return tm.sdxl_checkpoint()
 
 
+@pytest.mark.slow  # loads the 3.1 GB checkpoint's CLIP-G twice
 def test_textfit_sdxl_targets_are_the_same_from_comfyuis_clip_and_from_the_checkpoint(sdxl_checkpoint):
     """The CLI's CLIP-L + CLIP-G (transformers, OpenCLIP keys converted) give the node's targets from
     ComfyUI's own SDXL CLIP: the token mean ``[n, 2048]`` and the pooled vector ``[n, 1280]``."""
@@ -203,6 +205,7 @@ def test_textfit_sdxl_targets_are_the_same_from_comfyuis_clip_and_from_the_check
     assert not torch.allclose(node_pooled[0], node_pooled[1])  # captions differ, so do their vectors
 
 
+@pytest.mark.slow  # loads the 3.1 GB checkpoint's CLIP-G
 def test_textfit_command_line_fits_sdxl_from_the_single_file_checkpoint(sdxl_checkpoint, test_models, tmp_path, capsys):
     from clap2diffusion_core.training.cli import main
 
