@@ -33,6 +33,7 @@ from .audio import (
     waveform_pieces,
 )
 from .errors import ClapError
+from .htsat import pooled_audio_features
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,8 @@ class ClapAudioTower(nn.Module):
         # model reads only the first (laion-clap's inference path): no random crops.
         channels = 4 if self.fused else 1
         mel = mel.expand(-1, channels, -1, -1).to(self.dtype)
-        is_longer = torch.zeros(mel.shape[0], 1, dtype=torch.bool, device=mel.device)
-        pooled = _pooled(self.audio_model(input_features=mel, is_longer=is_longer))
+        # transformers' HTS-AT forward, reordered for speed and cache (clap2diffusion_core.htsat).
+        pooled = pooled_audio_features(self.audio_model, mel)  # [n, 768]
         return F.normalize(self.audio_projection(pooled).float(), dim=-1)
 
     def embed(
