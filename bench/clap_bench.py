@@ -2,9 +2,11 @@
 and resident memory while streaming a 1-hour file.
 
 - ``clap_speedup_vs_transformers``: our clips/s divided by transformers' clips/s, batch 8, the
-  same 10 s clips in the same run, interleaved, medians. Ours: ``ClapAudioTower.encode_windows``
-  (torch log-mel + HTS-AT). Theirs: ``ClapFeatureExtractor`` then ``ClapModel.get_audio_features``
-  (the pipeline transformers documents), on the same weights.
+  same 10 s clips in the same run, interleaved, medians; ``clap_speed`` has the clips/s at batch 1
+  and 8 of both, and of ours with transformers' HTS-AT forward (the encode before ``htsat``).
+  Ours: ``ClapAudioTower.encode_windows`` (torch log-mel, then HTS-AT through
+  ``clap2diffusion_core.htsat``). Theirs: ``ClapFeatureExtractor`` then
+  ``ClapModel.get_audio_features`` (the pipeline transformers documents), on the same weights.
 - ``clap_audio_only_mem_mb``: bytes of what the audio path keeps resident (the audio tower's
   parameters and buffers), as section d counts ``clap_encoder_mb``. The measured RSS growth of a
   fresh process that loads the audio tower and encodes 8 clips is recorded beside it.
@@ -69,7 +71,9 @@ class _Peak:
         return (self.peak - self.start) / MB
 
 
-def speed(clap_folder: Path, reps: int, batch: int = 8) -> dict[str, Any]:
+def speed(clap_folder: Path, reps: int, batches: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
+    """Clips/s of each pipeline at each batch size, on the same clips and weights, interleaved:
+    ours, transformers', and ours with transformers' HTS-AT forward (what htsat.py gains)."""
     import torch
     from transformers import ClapFeatureExtractor
 
@@ -79,31 +83,43 @@ def speed(clap_folder: Path, reps: int, batch: int = 8) -> dict[str, Any]:
     model = load_clap(clap_folder).model  # transformers' ClapModel, the same weights
     extractor = ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad", frequency_min=tower.mel.f_min,
                                      frequency_max=tower.mel.f_max)  # fmt: skip
-    clips = 0.1 * torch.randn(batch, 480_000, generator=torch.Generator().manual_seed(3))
+    all_clips = 0.1 * torch.randn(max(batches), 480_000, generator=torch.Generator().manual_seed(3))
 
-    def ours() -> torch.Tensor:
-        return tower.encode_windows(clips, batch_size=batch)
+    def ours(clips: torch.Tensor) -> torch.Tensor:
+        return tower.encode_windows(clips, batch_size=len(clips))
 
     @torch.inference_mode()
-    def theirs() -> torch.Tensor:
+    def ours_before(clips: torch.Tensor) -> torch.Tensor:
+        """Our mel, then transformers' own HTS-AT forward: the encode before htsat.py."""
+        mel = torch.cat([tower.log_mel(w[None]) for w in clips]).unsqueeze(1)
+        out = model.get_audio_features(input_features=mel, is_longer=torch.zeros(len(clips), 1, dtype=torch.bool))
+        return torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+    @torch.inference_mode()
+    def theirs(clips: torch.Tensor) -> torch.Tensor:
         features = extractor(list(clips.numpy()), sampling_rate=48_000, return_tensors="pt")
         out = model.get_audio_features(**features)
         return torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
 
-    diff = float((ours() - theirs()).abs().max())  # also the warm-up of both
-    times: dict[str, list[float]] = {"ours": [], "transformers": []}
+    pipelines = {"ours": ours, "transformers": theirs, "ours_mel_transformers_htsat": ours_before}
+    reference = theirs(all_clips)  # also the warm-ups
+    diffs = {name: float((fn(all_clips) - reference).abs().max()) for name, fn in pipelines.items()}
+    times: dict[str, dict[str, list[float]]] = {str(b): {name: [] for name in pipelines} for b in batches}
     for rep in range(reps):
-        order = [("ours", ours), ("transformers", theirs)]
-        for name, fn in order if rep % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    clips_per_s = {name: batch / statistics.median(t) for name, t in times.items()}
+        for b in batches:
+            order = list(pipelines.items())
+            for name, fn in order[rep % 3:] + order[: rep % 3]:  # each goes first in turn
+                t0 = time.perf_counter()
+                fn(all_clips[:b])
+                times[str(b)][name].append(time.perf_counter() - t0)
+    clips_per_s = {b: {name: int(b) / statistics.median(t) for name, t in per.items()} for b, per in times.items()}
+    at_8 = clips_per_s.get("8")
     return {
-        "clap_speedup_vs_transformers": clips_per_s["ours"] / clips_per_s["transformers"],
-        "clips_per_s_batch_8": clips_per_s,
+        "clap_speedup_vs_transformers": at_8["ours"] / at_8["transformers"] if at_8 else None,
+        "clips_per_s": clips_per_s,
         "raw_seconds": times,
-        "max_abs_embedding_difference": diff,
+        "max_abs_embedding_difference": diffs["ours"],
+        "max_abs_embedding_difference_each": diffs,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -135,8 +151,11 @@ def _child(kind: str, clap_folder: str, arg: str) -> dict[str, Any]:
 
 
 def _run_child(kind: str, clap_folder: Path, arg: str = "") -> dict[str, Any]:
+    import torch
+
+    threads = str(torch.get_num_threads())  # the child encodes on as many threads as this process
     out = subprocess.run(
-        [sys.executable, __file__, "--child", kind, str(clap_folder), arg],
+        [sys.executable, __file__, "--threads", threads, "--child", kind, str(clap_folder), arg],
         capture_output=True, text=True, check=True, cwd=REPO_ROOT,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -159,7 +178,9 @@ def run(clap_folder: Path, reps: int = 3, long_seconds: float = 3600.0) -> dict[
     """All three keys and their details."""
     from clap2diffusion_core.clap import load_clap_tower
 
+    load = os.getloadavg()
     results: dict[str, Any] = {"clap_speed": speed(clap_folder, reps)}
+    results["clap_speed"]["load_average_start_end"] = [round(load[0], 2), round(os.getloadavg()[0], 2)]
     results["clap_speedup_vs_transformers"] = results["clap_speed"]["clap_speedup_vs_transformers"]
     tower = load_clap_tower(clap_folder, "audio")
     resident = sum(t.numel() * t.element_size() for t in [*tower.parameters(), *tower.buffers()]) / MB
@@ -179,8 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--long-seconds", type=float, default=3600.0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's own, but 1 when the load average is at least the "
+                        "core count, as make bench does: oversubscribed OpenMP threads wait on each other at every op)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    import torch
+
+    if not args.threads and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(_child(*args.child)))
         return 0
