@@ -4,10 +4,10 @@ The same computation as ``ClapAudioModel.forward`` (every module and weight is t
 the order of operations is ours), equal within ~1e-6, and faster, mostly on the CPU:
 
 - **Linear layers through oneDNN.** On the CPU, ``F.linear`` in float32 is MKL's sgemm, and MKL
-  runs without AVX-512 on AMD CPUs: about half of what the cores do. The same product as a 1x1
+  runs without AVX-512 on AMD CPUs. The same product as a 1x1
   convolution over channels-last tokens goes to oneDNN, which uses AVX-512 wherever the CPU has it
-  (1.7-2x faster on the development machine's AMD EPYC; no slower on Intel). Elsewhere (CUDA, MPS)
-  it is ``F.linear``.
+  (1.1-2x faster for HTS-AT's shapes on the development machine's AMD EPYC, 2 threads). Elsewhere
+  (CUDA, MPS) it is ``F.linear``.
 - **Window attention in one call.** ``scaled_dot_product_attention`` with the relative-position
   bias and the shifted-window mask as one additive mask, instead of matmul, scale, two adds,
   softmax and matmul, each a pass over ``[windows, heads, 64, 64]``.
