@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--teacher-steps", type=int, default=6, help="every row walks this many (the worst case)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps (after none: the first is timed too)")
+    parser.add_argument("--steps", type=int, default=2, help="steps to time (no warm-up: the first is timed too)")
     parser.add_argument("--size", type=int, default=64, help="latent side (64 = 512 px)")
     parser.add_argument("--config", default="sd15", help="shipped diffusers UNet config (sd15, tiny)")
     parser.add_argument("--threads", type=int, default=0)
