@@ -121,6 +121,21 @@ def find_clip_tokenizer(explicit: str | os.PathLike | None = None) -> str:
     return "openai/clip-vit-large-patch14"
 
 
+def load_clip_tokenizer(explicit: str | os.PathLike | None = None):  # noqa: ANN201 (transformers.CLIPTokenizer)
+    """CLIP's tokenizer (CLIP-L's; SDXL's CLIP-G shares its vocabulary) from
+    :func:`find_clip_tokenizer`, or an error that says which flag gives it."""
+    from transformers import CLIPTokenizer
+
+    source = find_clip_tokenizer(explicit)
+    try:
+        return CLIPTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"CLIP tokenizer not found at {source!r}: pass --tokenizer <ComfyUI>/comfy/sd1_tokenizer "
+            "(or set COMFYUI_PATH)"
+        ) from err
+
+
 class ClipTextEncoder(nn.Module):
     """Captions -> SD1.5's text conditioning: CLIP-L's last hidden state ``[B, 77, 768]`` (after the
     final layer norm, padded with the end token, as ComfyUI and diffusers feed the UNet), and a pooled
@@ -166,7 +181,7 @@ def load_text_encoder(
 ) -> ClipTextEncoder:
     """CLIP-L of an SD1.5 single-file checkpoint as a transformers ``CLIPTextModel`` (fp32, CPU)."""
     from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(**json.loads((CONFIG_DIR / "clip_l_text.json").read_text()))
     with init_empty_weights():
@@ -181,14 +196,7 @@ def load_text_encoder(
         key = key[len(CLIP_PREFIX):]
         state[key if nested else key.removeprefix("text_model.")] = value.float()
     _load_exact(model, state, "CLIP-L text encoder", ignore=("position_ids",))
-    source = find_clip_tokenizer(tokenizer)
-    try:
-        tok = CLIPTokenizer.from_pretrained(source)
-    except OSError as err:
-        raise FileNotFoundError(
-            f"CLIP tokenizer not found at {source!r}: pass --tokenizer <ComfyUI>/comfy/sd1_tokenizer "
-            "(or set COMFYUI_PATH)"
-        ) from err
+    tok = load_clip_tokenizer(tokenizer)
     return ClipTextEncoder(model, tok)
 
 

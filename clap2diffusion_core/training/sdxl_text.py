@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from .encoders import CONFIG_DIR, TEXT_LENGTH, _load_exact, _read_prefixed, find_clip_tokenizer
+from .encoders import CONFIG_DIR, TEXT_LENGTH, _load_exact, _read_prefixed, load_clip_tokenizer
 from .textfit import caption_token_mean
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
@@ -134,7 +134,7 @@ def load_sdxl_text_encoder(checkpoint: str | os.PathLike, tokenizer: str | os.Pa
     single-file checkpoint, fp32 on the CPU; every weight must land (shipped configs
     ``clip_l_text.json``, ``clip_g_text.json``)."""
     from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     raw_l = _read_prefixed(checkpoint, CLIP_L_PREFIX)
     raw_g = _read_prefixed(checkpoint, CLIP_G_PREFIX)
@@ -159,12 +159,5 @@ def load_sdxl_text_encoder(checkpoint: str | os.PathLike, tokenizer: str | os.Pa
     state_g = {k: v.float() for k, v in openclip_to_transformers(raw_g, CLIP_G_PREFIX).items()}
     _load_exact(clip_g, state_g, "SDXL CLIP-G text encoder", ignore=("position_ids",))
 
-    source = find_clip_tokenizer(tokenizer)
-    try:
-        tok = CLIPTokenizer.from_pretrained(source)
-    except OSError as err:
-        raise FileNotFoundError(
-            f"CLIP tokenizer not found at {source!r}: pass --tokenizer <ComfyUI>/comfy/sd1_tokenizer "
-            "(or set COMFYUI_PATH)"
-        ) from err
+    tok = load_clip_tokenizer(tokenizer)
     return SDXLTextEncoder(clip_l, clip_g, tok)
