@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from schedule_support import RAIN, THUNDER, StandInClap, constant_rain, is_thunder, rain_then_thunder
 
 from clap2diffusion_core import energy, schedule, timeline
@@ -16,6 +18,7 @@ from clap2diffusion_core.testing import random_model
 from clap2diffusion_core.timeline_preview import render_timeline
 from clap2diffusion_core.vocabulary import SoundLabel, Vocabulary
 
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "schedule"
 FPS = 8
 FRAMES = 160  # 20 s at 8 fps
 SWITCH_FRAME = 80  # the frame whose span starts at 10 s
@@ -312,3 +315,6 @@ def test_schedule_timeline_picture_marks_the_change(frame_embeds: torch.Tensor, 
     columns = red.any(dim=0).nonzero().squeeze(1).tolist()
     x_change = 8 + 92 + (800 - 8 - 8 - 92) * found.frames[0] / FRAMES
     assert columns and all(abs(c - x_change) <= 30 for c in columns)  # the line (and its label) only
+    # For a person to look at: the 20 s rain-then-thunder sound's timeline.
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((image[0] * 255).round().byte().numpy()).save(ARTIFACTS / "timeline_rain_then_thunder.png")
