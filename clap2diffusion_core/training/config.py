@@ -8,6 +8,7 @@ are errors that list the known ones, so a typo cannot silently train with a defa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import typing
@@ -228,6 +229,14 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(tree, dict):
             raise ValueError(f"override {dotted!r}: {part!r} is not a section")
     tree[leaf] = value
+
+
+def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of the config tree ``base`` with ``extra`` laid over it, section by section."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge_trees(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
 
 
 def resolve_config_path(name: str | os.PathLike) -> Path:

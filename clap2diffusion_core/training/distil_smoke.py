@@ -17,7 +17,6 @@ falls, the gain is positive and the gates have opened.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -27,7 +26,7 @@ from typing import Any
 import yaml
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from .config import CONFIG_DIR, load_config
+from .config import CONFIG_DIR, load_config, merge_trees
 from .distil import grid_difference, heldout_gain, split_corpus
 from .trainer import train_stage
 
@@ -36,19 +35,12 @@ SMOKE_PROJECTOR = {"width": 64, "num_layers": 2, "num_heads": 4}
 SMOKE_TEXT_FIT_STEPS = 60
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def smoke_config_tree(out: Path, sd15: str, clap: str, init_from: str | None,
                       overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The smoke's overrides of ``distil.yaml`` as a nested dict (``load_config``'s ``extra``)."""
     tree = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())["distil"]
-    tree = _merge(tree, {"output_dir": str(out), "sd15": sd15, "init_from": init_from, "distil": {"clap": clap}})
-    return _merge(tree, overrides or {})
+    tree = merge_trees(tree, {"output_dir": str(out), "sd15": sd15, "init_from": init_from, "distil": {"clap": clap}})
+    return merge_trees(tree, overrides or {})
 
 
 def text_fit_for(config_tree: dict[str, Any], sd15: str, clap: str, path: Path) -> Path:

@@ -204,6 +204,28 @@ def load_text_encoder(
 # images
 
 
+def _taesd_scale_shift(raw: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """TAESD's ``vae_scale`` / ``vae_shift`` as ComfyUI stores them beside its weights (1 and 0 if absent)."""
+    scale = float(raw.get(VAE_PREFIX + "vae_scale", torch.tensor(1.0)))
+    shift = float(raw.get(VAE_PREFIX + "vae_shift", torch.tensor(0.0)))
+    return scale, shift
+
+
+def _load_kl_vae(raw: dict[str, torch.Tensor]) -> nn.Module:
+    """The full ``AutoencoderKL`` (SD1.5's config, fp32, CPU) from a single file's ``first_stage_model.*``
+    weights, every weight placed."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    config = json.loads((CONFIG_DIR / "vae_sd15.json").read_text())
+    state = {k: v.float() for k, v in convert_ldm_vae_checkpoint(raw, config).items()}
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(config)
+    _load_exact(vae, state, "SD1.5 VAE")
+    return vae
+
+
 class LatentEncoder(nn.Module):
     """Images ``[B, 3, H, W]`` in [-1, 1] -> latents ``[B, 4, H/8, W/8]`` in the UNet's space."""
 
@@ -238,20 +260,11 @@ def load_latent_encoder(checkpoint: str | os.PathLike) -> LatentEncoder:
         prefix = VAE_PREFIX + "taesd_encoder."
         state = {"layers." + k[len(prefix):]: v.float() for k, v in raw.items() if k.startswith(prefix)}
         _load_exact(encoder, state, "TAESD encoder")
-        scale = float(raw.get(VAE_PREFIX + "vae_scale", torch.tensor(1.0)))
-        shift = float(raw.get(VAE_PREFIX + "vae_shift", torch.tensor(0.0)))
+        scale, shift = _taesd_scale_shift(raw)
         return LatentEncoder(encoder, "taesd", scale, shift)
     if VAE_PREFIX + "encoder.conv_in.weight" not in raw:
         raise CheckpointError(f"{checkpoint}: no {VAE_PREFIX}* VAE weights (neither AutoencoderKL nor TAESD)")
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    config = json.loads((CONFIG_DIR / "vae_sd15.json").read_text())
-    state = {k: v.float() for k, v in convert_ldm_vae_checkpoint(raw, config).items()}
-    with init_empty_weights():
-        vae = AutoencoderKL.from_config(config)
-    _load_exact(vae, state, "SD1.5 VAE")
-    return LatentEncoder(vae, "kl")
+    return LatentEncoder(_load_kl_vae(raw), "kl")
 
 
 class LatentDecoder(nn.Module):
@@ -294,20 +307,11 @@ def load_latent_decoder(checkpoint: str | os.PathLike, latent_scale: float = SD1
                 index, _, rest = key[len(prefix):].partition(".")
                 state[f"layers.{int(index) - 1}.{rest}"] = value.float()
         _load_exact(decoder, state, "TAESD decoder")
-        scale = float(raw.get(VAE_PREFIX + "vae_scale", torch.tensor(1.0)))
-        shift = float(raw.get(VAE_PREFIX + "vae_shift", torch.tensor(0.0)))
+        scale, shift = _taesd_scale_shift(raw)
         return LatentDecoder(decoder, "taesd", scale, shift, latent_scale)
     if VAE_PREFIX + "decoder.conv_in.weight" not in raw:
         raise CheckpointError(f"{checkpoint}: no {VAE_PREFIX}* VAE decoder weights (neither AutoencoderKL nor TAESD)")
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    config = json.loads((CONFIG_DIR / "vae_sd15.json").read_text())
-    state = {k: v.float() for k, v in convert_ldm_vae_checkpoint(raw, config).items()}
-    with init_empty_weights():
-        vae = AutoencoderKL.from_config(config)
-    _load_exact(vae, state, "SD1.5 VAE")
-    return LatentDecoder(vae, "kl", latent_scale=latent_scale)
+    return LatentDecoder(_load_kl_vae(raw), "kl", latent_scale=latent_scale)
 
 
 def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:

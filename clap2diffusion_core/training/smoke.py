@@ -13,7 +13,6 @@ features and trains; the main process evaluates and prints). Checks that trainin
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import yaml
 
 from ..checkpoint import load_checkpoint
 from ..clap import load_clap
-from .config import CONFIG_DIR, load_config
+from .config import CONFIG_DIR, load_config, merge_trees
 from .encoders import AudioEmbedder, load_latent_encoder, load_text_encoder
 from .features import CacheSpec, FeatureDataset, prepare_features
 from .manifest import read_manifest
@@ -36,13 +35,6 @@ from .synthetic import clap_separability, make_synthetic_dataset
 from .trainer import train_stage
 
 RESOLUTION = 64
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def run_smoke(
@@ -81,11 +73,11 @@ def run_smoke(
     state.wait_for_everyone()
 
     # ---- the three stages
-    smoke = _merge(yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text()), overrides or {})
+    smoke = merge_trees(yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text()), overrides or {})
     results, configs = {}, {}
     for stage in (1, 2, 3):
-        extra = _merge(smoke.get("common", {}), smoke.get(f"stage{stage}", {}))
-        extra = _merge(extra, {"output_dir": str(run), "data": {"cache": str(cache)}, "sd15": sd15 if stage > 1 else None})
+        extra = merge_trees(smoke.get("common", {}), smoke.get(f"stage{stage}", {}))
+        extra = merge_trees(extra, {"output_dir": str(run), "data": {"cache": str(cache)}, "sd15": sd15 if stage > 1 else None})
         configs[stage] = load_config(f"stage{stage}", extra=extra)
         results[stage] = train_stage(configs[stage], progress=progress)
     if not state.is_main_process:
