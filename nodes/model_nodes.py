@@ -24,7 +24,7 @@ class ApplyAudioToModel(io.ComfyNode):
             "that file). Returns a patched copy: the input MODEL is unchanged. Works with LoRA and "
             "ControlNet; chain two for two sounds. The level weights are set on Hierarchical Decompose.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.5-family MODEL, e.g. from Load Checkpoint or a LoRA loader."),
+                io.Model.Input("model", tooltip="An SD1.5- or SDXL-family MODEL (the family the CLAP2Diffusion file was made for), e.g. from Load Checkpoint or a LoRA loader."),
                 types.AudioTokens.Input(
                     "audio_tokens",
                     tooltip="From Audio Project or Load Audio Tokens, made by the CLAP2Diffusion file wired below. "

@@ -114,7 +114,7 @@ def unet_layout(unet: torch.nn.Module, unet_config: dict) -> tuple[tuple[Adapter
     """
     if not hasattr(unet, "input_blocks"):
         raise ModelMismatchError(
-            f"Apply Audio to Model needs an SD1.5-family UNet; this MODEL is {type(unet).__name__}"
+            f"Apply Audio to Model needs an SD1.5- or SDXL-family UNet; this MODEL is {type(unet).__name__}"
         )
     to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(unet_config).items()}
     layers: list[AdapterLayer] = []
