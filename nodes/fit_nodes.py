@@ -64,6 +64,11 @@ def text_encoder_family(clip) -> tuple[str, str]:  # noqa: ANN001 (comfy.sd.CLIP
     )
 
 
+def end_position(ids: list[int]) -> int:
+    """Where a tokenized caption's end token stands (the last position if it was cut off)."""
+    return ids.index(END_TOKEN, 1) if END_TOKEN in ids[1:] else len(ids) - 1
+
+
 def pooled_targets(clip, captions: list[str]) -> torch.Tensor:  # noqa: ANN001
     """``[n, 768]``: for each caption, the mean of ComfyUI's conditioning over its tokens and end
     token (the stage-1 target; what ``ClipTextEncoder`` computes on the command-line path). One
@@ -74,13 +79,10 @@ def pooled_targets(clip, captions: list[str]) -> torch.Tensor:  # noqa: ANN001
         tokens = clip.tokenize(caption)
         first = tokens["l"][0]  # a caption longer than 75 tokens keeps its first 77-token section
         ids = [t[0] for t in first]
-        ends.append(ids.index(END_TOKEN, 1) if END_TOKEN in ids[1:] else len(ids) - 1)
+        ends.append(end_position(ids))
         sections.append([(t[0], 1.0) for t in first])
     cond = clip.encode_from_tokens({"l": sections}).float().cpu()  # [1, 77 * n, C]
-    cond = cond.reshape(len(captions), -1, cond.shape[-1])
-    position = torch.arange(cond.shape[1])
-    mask = ((position[None] >= 1) & (position[None] <= torch.tensor(ends)[:, None])).float()
-    return (cond * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    return caption_token_mean(cond.reshape(len(captions), -1, cond.shape[-1]), torch.tensor(ends))
 
 
 def sdxl_targets(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
@@ -99,7 +101,7 @@ def sdxl_targets(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]
         tokens = clip.tokenize(caption)  # a caption longer than 75 tokens keeps its first 77-token section
         ids_l.append([t[0] for t in tokens["l"][0]])
         ids_g.append([t[0] for t in tokens["g"][0]])
-        ends.append(ids_l[-1].index(END_TOKEN, 1) if END_TOKEN in ids_l[-1][1:] else len(ids_l[-1]) - 1)
+        ends.append(end_position(ids_l[-1]))
     inner = clip.cond_stage_model
     inner.reset_clip_options()
     if clip.layer_idx is not None:
