@@ -18,6 +18,7 @@ hears. Each is shrunk to a small palette PNG (README assets are committed).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,9 @@ def pick_screenshot(folder: Path, workflow: str = WORKFLOW) -> Path:
 def run_pytest(*args: str) -> None:
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     print("+", " ".join(command), flush=True)
-    if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
+    # A missing chromium fails the browser test instead of skipping it: an old screenshot is no picture.
+    env = {**os.environ, "C2D_REQUIRE_BROWSER": "1"}
+    if subprocess.run(command, cwd=REPO_ROOT, env=env).returncode != 0:
         raise SystemExit(f"the test that draws this picture failed: {' '.join(args)}")
 
 
