@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 BENCH_ARGS  ?=
 
-.PHONY: help setup models test test-quick test-slow lint demo train-smoke distil-smoke bench clean-models FORCE
+.PHONY: help setup models test test-quick test-slow lint demo train-smoke distil-smoke bench pictures clean-models FORCE
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ distil-smoke: $(STAMP)  ## distil the audio adapter from the tiny SD1.5 on CPU (
 
 bench: $(STAMP)  ## what sound costs on top of text (CPU: a few minutes; --full on a GPU); writes bench/results.json
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+pictures: $(STAMP)  ## regenerate the README's pictures in docs/images/ (browser screenshot, timeline, decomposition; ~3 min)
+	$(PY) tools/pictures.py $(PICTURES_ARGS)
 
 clean-models:  ## drop the cached test models (they are rebuilt on demand)
 	rm -rf .cache/test-models

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for path in (REPO_ROOT, REPO_ROOT / "tests"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 
 def main() -> None:
@@ -31,11 +30,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from schedule_support import rain_then_thunder
 
     from clap2diffusion_core import timeline
     from clap2diffusion_core.clap import load_clap_tower
     from tools import test_models as tm
+    from tools.test_sounds import rain_then_thunder
 
     tower = load_clap_tower(tm.build_all().clap_folder, "audio")  # cached after the first build
     sound = rain_then_thunder(16_000)

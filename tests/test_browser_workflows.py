@@ -164,7 +164,7 @@ def values_for_test_models(workflow: dict[str, Any], object_info: dict[str, Any]
             values.append((node_id, "audio", sound))
         elif kind == "EmptyLatentImage":
             values += [(node_id, "width", SIZE), (node_id, "height", SIZE)]
-        elif kind == "KSampler":
+        elif kind in ("KSampler", "BasicScheduler"):  # BasicScheduler: audio_guidance's custom sampling
             values.append((node_id, "steps", STEPS))
         elif kind == "C2D_FitAudioProjectorFromText":  # the fit's plumbing, not a full fit on a CPU
             values += [(node_id, "corpus_size", 16), (node_id, "steps", 10)]

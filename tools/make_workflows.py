@@ -690,6 +690,52 @@ def audio_from_text_fit(wf: Workflow) -> None:
     wf.group("3 · Add the sound to the prompt, sample", [apply, *tail], GROUP_COLORS["sample"])
 
 
+def audio_guidance(wf: Workflow) -> None:
+    """A guidance scale of its own for the sound, with core nodes only: DualCFGGuider's cond1 is the
+    prompt with the sound, cond2 the prompt alone, so cfg_conds scales the sound's effect and
+    cfg_cond2_negative the text's."""
+    ckpt = checkpoint(wf, (0, 0))
+    positive, negative = prompts(wf, ckpt["CLIP"], (360, 0))
+    clap, c2d = loaders(wf, (0, AUDIO_ROW), STAGE1)
+    chain = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, c2d)
+    apply = wf.node("C2D_ApplyAudioToConditioning", (800, 0), (290, 82), conditioning=positive.out,
+                    audio_tokens=chain.project.out, strength=1.0)
+    guider = wf.node("DualCFGGuider", (1130, 0), (300, 190), title="DualCFGGuider (sound scale, text scale)",
+                     model=ckpt["MODEL"], cond1=apply.out, cond2=positive.out, negative=negative.out,
+                     cfg_conds=10.0, cfg_cond2_negative=7.0, style="regular")
+    # Kept above the sound group (AUDIO_ROW), which sits below this column.
+    noise = wf.node("RandomNoise", (1130, 230), (300, 82), noise_seed=42)
+    sampler = wf.node("KSamplerSelect", (1130, 350), (300, 58), sampler_name="euler")
+    sigmas = wf.node("BasicScheduler", (1130, 440), (300, 106), model=ckpt["MODEL"], scheduler="normal",
+                     steps=20, denoise=1.0)
+    latent = wf.node("EmptyLatentImage", (1470, 380), (270, 106), width=512, height=512, batch_size=1)
+    run = wf.node("SamplerCustomAdvanced", (1470, 0), (270, 330), noise=noise.out, guider=guider.out,
+                  sampler=sampler.out, sigmas=sigmas.out, latent_image=latent.out)
+    decode = wf.node("VAEDecode", (1780, 0), (210, 46), samples=run["output"], vae=ckpt["VAE"])
+    save = wf.node("SaveImage", (1780, 90), (400, 450), images=decode.out, filename_prefix="clap2diffusion_guidance")
+    wf.note(note_text(
+        "Sound + text -> image, with a guidance scale for the sound",
+        "Core **DualCFGGuider** gets three prompts: **cond1** = the prompt with the sound (Apply Audio "
+        "to Conditioning), **cond2** = the same prompt without it, and the negative. Each step it "
+        "predicts all three and, in the `regular` style, takes negative + **cfg_cond2_negative** x "
+        "(prompt - negative) + **cfg_conds** x (prompt with sound - prompt): the text and the sound "
+        "each get their own scale. A stage 1 CLAP2Diffusion file is enough.",
+        files_block(STAGE1),
+        ["**cfg_conds**: how hard the sound pushes. Equal to cfg_cond2_negative, it is the guidance a "
+         "KSampler at that cfg gives the prompt with the sound; lower: less sound; 0: the text-only "
+         "image.",
+         "**cfg_cond2_negative**: the text's CFG against the negative, as KSampler's cfg.",
+         "**style nested**: the sound's scale multiplies the text's (cfg_conds 1 is KSampler's "
+         "guidance, 2 twice the sound's push).",
+         "With Apply Audio to Conditioning at strength 0, cond1 is cond2: cfg_conds changes nothing.",
+         "Three model passes per step instead of KSampler's two."]),
+        (-480, -60), (440, 800), "Read me: model files")
+    wf.group("1 · Model and prompt", [ckpt, positive, negative], GROUP_COLORS["model"])
+    wf.group("2 · Sound -> audio tokens", [clap, c2d, *chain.nodes()], GROUP_COLORS["audio"])
+    wf.group("3 · Prompt with and without the sound, two guidance scales, sample",
+             [apply, guider, noise, sampler, sigmas, latent, run, decode, save], GROUP_COLORS["sample"])
+
+
 WORKFLOWS: dict[str, Callable[[Workflow], None]] = {
     "audio_text_to_image": audio_text_to_image,
     "audio_adapter": audio_adapter,
@@ -699,6 +745,7 @@ WORKFLOWS: dict[str, Callable[[Workflow], None]] = {
     "audio_to_prompt": audio_to_prompt,
     "sound_to_frames": sound_to_frames,
     "audio_from_text_fit": audio_from_text_fit,
+    "audio_guidance": audio_guidance,
 }
 
 
