@@ -133,10 +133,12 @@ def _open_pyav(path: str):
     fmt = container.format.name
     exact = estimate if any(k in fmt for k in ("mov", "mp4", "flac", "aiff")) else None
     declared = _wav_declared_seconds(path) if "wav" in fmt else (exact / sample_rate if exact else None)
-    return sample_rate, estimate, _pyav_frames(container, stream), declared
+    if fmt == "mp3" and estimate:  # a guess from the bitrate and the file's size: only far off counts
+        declared = -estimate / sample_rate
+    return sample_rate, estimate, _pyav_frames(container, stream, stream.codec_context.channels), declared
 
 
-def _pyav_frames(container, stream) -> Iterator[tuple[str, object]]:
+def _pyav_frames(container, stream, channels: int) -> Iterator[tuple[str, object]]:
     import av
 
     try:
@@ -152,14 +154,16 @@ def _pyav_frames(container, stream) -> Iterator[tuple[str, object]]:
             if packet.size == 0:  # the flush packet at the end
                 continue
             try:
-                frames = packet.decode()
+                frames = [_frame_to_float(frame, channels) for frame in packet.decode()]
             except av.error.FFmpegError:
+                frames = [None]
+            if any(frame is None for frame in frames):  # rejected, or decoded into nonsense
                 at = float(packet.pts * packet.time_base) if packet.pts is not None and packet.time_base else None
                 length = float(packet.duration * packet.time_base) if packet.duration and packet.time_base else 0.0
                 yield "bad", (at, length)
                 continue
             for frame in frames:
-                yield "audio", _frame_to_float(frame)
+                yield "audio", frame
     finally:
         container.close()
 
@@ -185,7 +189,10 @@ def _open_soundfile(path: str):
 
 def _pieces(path: str, frames: Iterator[tuple[str, object]], check: SoundCheck, limit: int | None, block: int,
             declared: float | None) -> Iterator[torch.Tensor]:  # fmt: skip
-    """Events -> checked pieces ``[1, C, block]`` (the last one shorter); notes damage and cut files."""
+    """Events -> checked pieces ``[1, C, block]`` (the last one shorter); notes damage and cut files.
+
+    ``declared``: the length in seconds the file's header states (negative: a guess, as an mp3's).
+    """
     name, rate = os.path.basename(path), check.sample_rate
     held: list[torch.Tensor] = []
     held_len = total = good = 0
@@ -238,6 +245,15 @@ def _pieces(path: str, frames: Iterator[tuple[str, object]], check: SoundCheck, 
         check.finish()
         return
     seconds = total / rate
+    guessed = declared is not None and declared < 0  # an mp3's length from its bitrate
+    if guessed:
+        declared, guess = None, -declared
+        if seconds + sum(s[2] for s in stretches) < 0.5 * guess:
+            check.note(
+                f"{name!r} decodes to {clock(seconds)} of audio, but its size suggests about {clock(guess)}: "
+                "much of it is damaged or is not audio, and was skipped. Re-export or re-download the file "
+                "for a clean result."
+            )
     cut = declared is not None and seconds + sum(s[2] for s in stretches) < 0.95 * declared - 0.05
     if cut:
         # A file cut inside its last packet fails to decode there: that is the cut, not damage.
@@ -281,15 +297,26 @@ _PCM_SCALE = {"u8": (128.0, 128.0), "s16": (0.0, 2.0**15), "s32": (0.0, 2.0**31)
               "flt": (0.0, 1.0), "dbl": (0.0, 1.0)}  # fmt: skip
 
 
-def _frame_to_float(frame) -> torch.Tensor:
+def _frame_to_float(frame, channels: int) -> torch.Tensor | None:
     """One decoded frame -> float32 ``[C, n]``, converted here rather than by PyAV's AudioResampler:
     the resampler crashes the process (segfault) on layouts without a channel order, such as an
-    8-channel WAV that has no channel mask."""
-    name = frame.format.name.removesuffix("p")
+    8-channel WAV that has no channel mask.
+
+    None for a frame that does not match the stream's ``channels`` or whose planes hold fewer
+    bytes than its sample count needs: garbage an AAC decoder accepted (seen: 21 channels in 41
+    planes), which ``to_ndarray`` would read past its buffers, crashing the server.
+    """
+    fmt = frame.format
+    name = fmt.name.removesuffix("p")
     if name not in _PCM_SCALE:
-        raise AudioError(f"The decoder gave samples in a format the pack does not read ({frame.format.name}). "
+        raise AudioError(f"The decoder gave samples in a format the pack does not read ({fmt.name}). "
                          "Convert the file to wav or flac.")
-    channels = len(frame.layout.channels) or 1
+    if (len(frame.layout.channels) or 1) != channels:
+        return None
+    planes = frame.planes
+    need = frame.samples * fmt.bytes * (1 if fmt.is_planar else channels)
+    if len(planes) != (channels if fmt.is_planar else 1) or any(plane.buffer_size < need for plane in planes):
+        return None
     data = frame.to_ndarray()  # planar: [C, n]; packed: [1, n * C], interleaved
     if not frame.format.is_planar:
         data = data.reshape(-1, channels).T
