@@ -390,17 +390,18 @@ def _diagnose(path: str, decoded_nothing: bool) -> tuple[str, str]:
         return f"its header names a kind of WAV data the decoders do not know (format tag {tag:#06x})", \
             "Convert it to 16-bit PCM wav or flac in an audio editor."  # fmt: skip
     if head[4:8] == b"ftyp":
-        boxes = _mp4_boxes(path)
-        if "moov" not in boxes:
+        boxes, cut = _mp4_boxes(path)
+        if "moov" not in boxes and cut:
             return ("the file ends before its index (the 'moov' part an MP4/M4A needs is missing): it was "
                     "probably cut short while copying, uploading or recording"), _RE_UPLOAD  # fmt: skip
+        if "moov" not in boxes:
+            return "its index (the 'moov' part an MP4/M4A needs) is missing or damaged", _RE_UPLOAD
         return "its audio track is damaged: none of it could be decoded", _RE_UPLOAD
     if looks == "a text file" or looks == "a JSON/text file":
         return "it is a text file, not a sound", _USE_AUDIO
     if looks in ("an MP3 file", "a FLAC file", "an Ogg file", "an AIFF file"):
         what = "none of its audio could be decoded" if decoded_nothing else "the decoder finds no valid audio in it"
-        return f"it looks like {looks[3:] if looks.startswith('an ') else looks[2:]}, but {what}: it is damaged", \
-            _RE_UPLOAD  # fmt: skip
+        return f"it looks like {looks}, but {what}: it is damaged", _RE_UPLOAD
     if looks:
         return f"it looks like {looks}, not a sound", _USE_AUDIO
     if decoded_nothing:
@@ -444,8 +445,9 @@ def _wav_declared_seconds(path: str) -> float | None:
     return declared / align / rate
 
 
-def _mp4_boxes(path: str) -> list[str]:
-    """The top-level box names of an MP4/M4A/MOV file, as far as the file goes."""
+def _mp4_boxes(path: str) -> tuple[list[str], bool]:
+    """The top-level box names of an MP4/M4A/MOV file, as far as they make sense, and whether the
+    last one runs past the end of the file (the file was cut inside it)."""
     names: list[str] = []
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -458,8 +460,8 @@ def _mp4_boxes(path: str) -> list[str]:
                 length = struct.unpack(">Q", head[8:16])[0]
             elif length == 0:
                 length = size - pos
-            if length < 8:
-                break
+            if length < 8 or not kind.isalnum():
+                return names, False  # garbage where a box should start: damaged, not cut
             names.append(kind)
             pos += length
-    return names
+    return names, pos > size
