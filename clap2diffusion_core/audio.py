@@ -13,11 +13,12 @@ from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import AudioError
+from .errors import AudioError  # noqa: F401 - re-exported: callers catch it from here
+from .sound_check import MIN_SAMPLE_RATE, MIN_SECONDS, SILENCE_PEAK, check_sound  # noqa: F401 - re-exported
+from .sound_file import open_sound, read_sound
 
 CLAP_SAMPLE_RATE = 48_000
 WINDOW_SECONDS = 10.0
@@ -25,212 +26,32 @@ WINDOW_SAMPLES = int(CLAP_SAMPLE_RATE * WINDOW_SECONDS)  # 480000
 # A trailing piece shorter than this is dropped when at least one full window exists: repeating
 # a few hundred milliseconds to fill 10 s makes a buzz, not the sound the user meant.
 MIN_TAIL_SECONDS = 1.0
-# Peak amplitude under which a clip counts as silent (about -100 dBFS).
-SILENCE_PEAK = 1e-5
-# Shorter than this is no sound at all (one sample repeated is a constant): refused, not padded.
-MIN_SECONDS = 0.01
-# Lowest sample rate accepted: telephone audio is 8 kHz; 1 Hz is a broken header, and resampling
-# it to 48 kHz would multiply the samples (and the memory) by 48000.
-MIN_SAMPLE_RATE = 1_000
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding
+# Decoding and checking: clap2diffusion_core.sound_file and .sound_check own the rules
 # --------------------------------------------------------------------------------------------
 
 
 def load_audio_file(path: str | os.PathLike, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
     """Decode an audio file, or the audio track of a video, to ``([C, T] float32, sample_rate)``.
 
-    PyAV (FFmpeg) reads everything it knows; soundfile is the fallback. With ``max_seconds`` the
-    decoder stops once that much audio is read, so memory stays bounded on long files.
+    :func:`~.sound_file.read_sound` without its warnings: the same decoder and refusals as every
+    node. With ``max_seconds`` the decoder stops once that much audio is read.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AudioError(f"Audio file not found: {path!r}. Put it in ComfyUI's input folder or upload it.")
-    if os.path.getsize(path) == 0:
-        raise AudioError(f"{os.path.basename(path)!r} is empty (0 bytes). Re-export or re-upload the file.")
-    if max_seconds is not None and max_seconds <= 0:
-        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
-
-    try:
-        waveform, sample_rate = _load_with_pyav(path, max_seconds)
-    except _NoAudioStream as err:
-        raise AudioError(
-            f"{os.path.basename(path)!r} {err}; {_sniff(path)}. Use a wav, flac, mp3 or ogg file, or a video with sound."
-        ) from None
-    except Exception as pyav_error:  # noqa: BLE001 - any FFmpeg failure: try the other decoder
-        try:
-            waveform, sample_rate = _load_with_soundfile(path, max_seconds)
-        except Exception:  # noqa: BLE001
-            raise AudioError(_describe_unreadable(path, pyav_error)) from pyav_error
-
-    if waveform.shape[-1] == 0:
-        raise AudioError(f"{os.path.basename(path)!r} decoded to no samples: the audio track is empty.")
+    waveform, sample_rate, _ = read_sound(path, max_seconds)
     return waveform, sample_rate
 
 
-class _NoAudioStream(Exception):
-    pass
-
-
-def _load_with_pyav(path: str, max_seconds: float | None) -> tuple[torch.Tensor, int]:
-    import av
-
-    with av.open(path) as container:
-        if not container.streams.audio:
-            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-            raise _NoAudioStream(f"has no audio track (found: {', '.join(kinds)})")
-        stream = container.streams.audio[0]
-        chunks: list[torch.Tensor] = []
-        sample_rate = stream.codec_context.sample_rate or 0
-        limit = None
-        total = 0
-        for frame in container.decode(stream):
-            sample_rate = sample_rate or frame.sample_rate
-            if limit is None and max_seconds is not None:
-                limit = math.ceil(max_seconds * sample_rate)
-            chunks.append(_frame_to_float(frame))
-            total += chunks[-1].shape[-1]
-            if limit is not None and total >= limit:
-                break
-    if not chunks:
-        return torch.zeros(stream.codec_context.channels or 1, 0), sample_rate or 1
-    waveform = torch.cat(chunks, dim=-1).float()
-    if limit is not None:
-        waveform = waveform[:, :limit]
-    return waveform.contiguous(), int(sample_rate)
-
-
-# Sample formats FFmpeg decodes to (planar or packed) -> (offset, scale) to float in [-1, 1].
-_PCM_SCALE = {"u8": (128.0, 128.0), "s16": (0.0, 2.0**15), "s32": (0.0, 2.0**31), "s64": (0.0, 2.0**63),
-              "flt": (0.0, 1.0), "dbl": (0.0, 1.0)}  # fmt: skip
-
-
-def _frame_to_float(frame) -> torch.Tensor:
-    """One decoded frame -> float32 ``[C, n]``, converted here rather than by PyAV's AudioResampler:
-    the resampler crashes the process (segfault) on layouts without a channel order, such as an
-    8-channel WAV that has no channel mask."""
-    name = frame.format.name.removesuffix("p")
-    if name not in _PCM_SCALE:
-        raise ValueError(f"unsupported sample format {frame.format.name!r}")
-    channels = len(frame.layout.channels) or 1
-    data = frame.to_ndarray()  # planar: [C, n]; packed: [1, n * C], interleaved
-    if not frame.format.is_planar:
-        data = data.reshape(-1, channels).T
-    offset, scale = _PCM_SCALE[name]
-    if offset == 0.0 and scale == 1.0:
-        return torch.from_numpy(data.astype(np.float32, copy=True))
-    return torch.from_numpy(((data.astype(np.float64) - offset) / scale).astype(np.float32))
-
-
-def _load_with_soundfile(path: str, max_seconds: float | None) -> tuple[torch.Tensor, int]:
-    import soundfile as sf
-
-    with sf.SoundFile(path) as f:
-        frames = -1 if max_seconds is None else math.ceil(max_seconds * f.samplerate)
-        data = f.read(frames=frames, dtype="float32", always_2d=True)  # [T, C]
-        return torch.from_numpy(data.T.copy()), int(f.samplerate)
-
-
-_MAGIC = (
-    (b"\x89PNG", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF8", "a GIF image"),
-    (b"%PDF", "a PDF document"),
-    (b"PK\x03\x04", "a ZIP archive"),
-    (b"\x80\x02", "a Python pickle"),
-    (b"RIFF", "a WAV file"),
-    (b"FORM", "an AIFF file"),
-    (b"fLaC", "a FLAC file"),
-    (b"OggS", "an Ogg file"),
-    (b"ID3", "an MP3 file"),
-    (b"{", "a JSON/text file"),
-    (b"<", "an HTML/XML file"),
-)
-
-
-def _sniff(path: str) -> str:
-    """What a file looks like from its first bytes, so a wrong file reads differently from a broken one."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    looks = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
-    if looks is None and head[4:8] == b"ftyp":
-        looks = "an MP4/MOV file"
-    if looks is None and head and all(32 <= b < 127 or b in b"\r\n\t" for b in head):
-        looks = "a text file"
-    return f"it looks like {looks}" if looks else f"it starts with bytes {head[:8].hex(' ')}"
-
-
-def _describe_unreadable(path: str, error: Exception) -> str:
-    name = os.path.basename(path)
-    return (
-        f"Cannot read {name!r} as audio ({os.path.getsize(path)} bytes; {_sniff(path)}). "
-        f"Decoder said: {error}. Use a wav, flac, mp3 or ogg file, or a video with an audio track; "
-        f"if the file is damaged, re-export it."
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-
-def validate_waveform(waveform: torch.Tensor, sample_rate: int) -> list[str]:
+def validate_waveform(waveform: torch.Tensor, sample_rate: int, name: str | None = None) -> list[str]:
     """Raise ``AudioError`` for unusable audio; return warnings (e.g. silence) for usable audio.
 
-    ``waveform`` is ``[C, T]`` or ``[B, C, T]``.
+    ``waveform`` is ``[C, T]`` or ``[B, C, T]``; see :func:`~.sound_check.check_sound`.
     """
-    if not isinstance(waveform, torch.Tensor):
-        raise AudioError(f"Expected a waveform tensor, got {type(waveform).__name__}.")
-    if waveform.ndim not in (2, 3):
-        raise AudioError(f"Expected a waveform shaped [C, T] or [B, C, T], got {list(waveform.shape)}.")
-    if not isinstance(sample_rate, int) or sample_rate <= 0:
-        raise AudioError(f"Sample rate must be a positive integer, got {sample_rate!r}.")
-    if waveform.numel() == 0:
-        raise AudioError(f"The audio is empty (shape {list(waveform.shape)}): load a file with sound in it.")
-    if not waveform.is_floating_point():
-        raise AudioError(f"Expected float samples in [-1, 1], got {waveform.dtype}.")
-    # Reductions, not elementwise copies: a long file must not double its memory to be checked.
-    hi, lo = waveform.flatten(-2).amax(-1), waveform.flatten(-2).amin(-1)  # [B] or scalar; NaN propagates
-    if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
-        bad = int((~torch.isfinite(waveform)).sum())
-        raise AudioError(
-            f"The audio holds {bad} NaN/Inf samples: the file is damaged or an upstream node is broken. "
-            "Re-export the file, or check the node that made this audio."
-        )
-    if sample_rate < MIN_SAMPLE_RATE:
-        raise AudioError(
-            f"Sample rate {sample_rate} Hz is not an audio rate (expected at least {MIN_SAMPLE_RATE} Hz; "
-            "files use 8000 to 192000 Hz): the file's header is probably damaged. Re-export the file."
-        )
-    samples = waveform.shape[-1]
-    seconds = samples / sample_rate
-    if seconds < MIN_SECONDS:
-        raise AudioError(
-            f"The audio is only {samples} sample{'s' if samples != 1 else ''} long ({seconds * 1000:.2f} ms at "
-            f"{sample_rate} Hz): too short to hold a sound. Use a clip of at least {MIN_SECONDS * 1000:.0f} ms "
-            "(CLAP listens to 10 s; shorter clips are repeated to fill it)."
-        )
-
-    warnings: list[str] = []
-    peak = torch.maximum(hi.abs(), lo.abs())
-    if bool((peak < SILENCE_PEAK).any()):
-        warnings.append("The audio is silent (peak below -100 dBFS): its CLAP embedding says little.")
-    elif waveform.shape[-2] > 1:
-        mono = waveform.mean(dim=-2)  # [B, T] or [T]
-        mono_peak = torch.maximum(mono.amax(-1).abs(), mono.amin(-1).abs())
-        if bool((mono_peak < (1e-3 * peak).clamp(min=SILENCE_PEAK)).any()):  # 60 dB quieter than the channels
-            warnings.append(
-                "The channels cancel out when mixed to mono (one is the other inverted), so CLAP hears "
-                "silence. Use one channel, or fix the polarity of the other."
-            )
-    if seconds < 0.5:
-        warnings.append(f"The audio is only {seconds:.2f} s long; it is repeated to fill a 10 s window.")
-    return warnings
+    return check_sound(waveform, sample_rate, name)
 
 
 # A waveform is checked once per sound: Load Audio checks what it decodes, and the encode path
@@ -256,7 +77,8 @@ def check_waveform(waveform: torch.Tensor, sample_rate: int) -> tuple[list[str],
     """:func:`validate_waveform`, once per tensor: ``(warnings, first_time)``.
 
     ``first_time`` is False when this very tensor (same version, same rate) was checked before,
-    so callers log its warnings only once.
+    so callers log its warnings only once. A tensor Load Audio read from a file keeps the
+    warnings it got there (:func:`remember_checked`), which name the file.
     """
     key = id(waveform)
     seen = _VALIDATED.get(key)
@@ -264,12 +86,19 @@ def check_waveform(waveform: torch.Tensor, sample_rate: int) -> tuple[list[str],
             and seen[2] == sample_rate):  # fmt: skip
         return list(seen[3]), False
     warnings = validate_waveform(waveform, sample_rate)
+    remember_checked(waveform, sample_rate, warnings)
+    return warnings, True
+
+
+def remember_checked(waveform: torch.Tensor, sample_rate: int, warnings: list[str]) -> None:
+    """Record that ``waveform`` passed the checks with ``warnings``: later checks of this very
+    tensor return them without scanning it again."""
+    key = id(waveform)
     try:
         ref = weakref.ref(waveform, lambda _, key=key: _VALIDATED.pop(key, None))
     except TypeError:  # not weak-referenceable: nothing to remember it by
-        return warnings, True
+        return
     _VALIDATED[key] = (ref, _version(waveform), sample_rate, tuple(warnings))
-    return warnings, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,70 +310,9 @@ def stream_audio_file(path: str | os.PathLike, max_seconds: float | None = None,
                       block_seconds: float = WINDOW_SECONDS) -> tuple[int, int | None, Iterator[torch.Tensor]]:
     """Decode a file piece by piece: ``(sample_rate, estimated_samples or None, pieces [1, C, n])``.
 
-    Memory stays at about one ``block_seconds`` piece whatever the file's length. The same checks
-    as :func:`load_audio_file` for missing, empty and unreadable files; each piece is validated
-    (non-finite samples raise ``AudioError`` there).
+    :func:`~.sound_file.open_sound` as a tuple: memory stays at about one ``block_seconds``
+    piece whatever the file's length; each piece is checked as it comes, and the whole at the end
+    (too short, empty: ``AudioError`` from the iterator). Nodes use ``open_sound`` for the warnings.
     """
-    import av
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AudioError(f"Audio file not found: {path!r}. Put it in ComfyUI's input folder or upload it.")
-    if os.path.getsize(path) == 0:
-        raise AudioError(f"{os.path.basename(path)!r} is empty (0 bytes). Re-export or re-upload the file.")
-    try:
-        container = av.open(path)
-    except Exception as err:  # noqa: BLE001 - FFmpeg cannot open it: the whole-file path explains why
-        raise AudioError(_describe_unreadable(path, err)) from err
-    if not container.streams.audio:
-        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-        container.close()
-        raise AudioError(
-            f"{os.path.basename(path)!r} has no audio track (found: {', '.join(kinds)}); {_sniff(path)}. "
-            "Use a wav, flac, mp3 or ogg file, or a video with sound."
-        )
-    stream = container.streams.audio[0]
-    sample_rate = int(stream.codec_context.sample_rate or 0)
-    if sample_rate <= 0:
-        container.close()
-        raise AudioError(f"{os.path.basename(path)!r} does not say its sample rate: re-export the file.")
-    estimate = None
-    if stream.duration is not None and stream.time_base is not None:
-        estimate = int(stream.duration * stream.time_base * sample_rate)
-    limit = None if not max_seconds else math.ceil(max_seconds * sample_rate)
-    if limit is not None and estimate is not None:
-        estimate = min(estimate, limit)
-
-    def pieces() -> Iterator[torch.Tensor]:
-        block = max(1, int(block_seconds * sample_rate))
-        held: list[torch.Tensor] = []
-        held_len = total = 0
-        try:
-            for frame in container.decode(stream):
-                data = _frame_to_float(frame)
-                if limit is not None:
-                    data = data[:, : max(limit - total, 0)]
-                held.append(data)
-                held_len += data.shape[-1]
-                total += data.shape[-1]
-                if held_len >= block:
-                    yield _checked_piece(torch.cat(held, dim=-1), sample_rate, path)
-                    held, held_len = [], 0
-                if limit is not None and total >= limit:
-                    break
-            if held_len:
-                yield _checked_piece(torch.cat(held, dim=-1), sample_rate, path)
-            if total == 0:
-                raise AudioError(f"{os.path.basename(path)!r} decoded to no samples: the audio track is empty.")
-        finally:
-            container.close()
-
-    return sample_rate, estimate, pieces()
-
-
-def _checked_piece(piece: torch.Tensor, sample_rate: int, path: str) -> torch.Tensor:
-    if not bool(torch.isfinite(piece.amax()) and torch.isfinite(piece.amin())):
-        raise AudioError(
-            f"{os.path.basename(path)!r} holds NaN/Inf samples: the file is damaged. Re-export it."
-        )
-    return piece.unsqueeze(0)  # [1, C, n]
+    stream = open_sound(path, max_seconds, block_seconds)
+    return stream.sample_rate, stream.estimated_samples, iter(stream)

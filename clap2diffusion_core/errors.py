@@ -8,9 +8,22 @@ The modules that raise them re-export them under their historical names.
 
 from __future__ import annotations
 
+# ComfyUI's error panel names an exception by ``type(e).__module__``; it imports a custom node
+# pack under its folder's full path, which would show the server's filesystem path there. Each
+# error names the module by its place in the pack instead ("clap2diffusion_core.errors").
+_MODULE = __name__[__name__.rfind("clap2diffusion_core"):] if "clap2diffusion_core" in __name__ else __name__
+
 
 class Clap2DiffusionError(ValueError):
     """Base of the pack's errors."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__module__ == __name__:
+            cls.__module__ = _MODULE
+
+
+Clap2DiffusionError.__module__ = _MODULE
 
 
 class AudioError(Clap2DiffusionError):

@@ -7,12 +7,20 @@ import os
 
 import folder_paths
 
-from ..clap2diffusion_core.audio import check_waveform, load_audio_file
+from ..clap2diffusion_core.audio import read_sound, remember_checked
 from . import types
 from .api import io, ui
 from .paths import file_fingerprint, resolve_input_file, validation_message
 
 log = logging.getLogger(__name__)
+
+
+def sound_warnings(node: str, warnings: list[str], log_them: bool = True) -> dict[str, list[str]]:
+    """The sound check's warnings as a node shows them: in the log (once per sound: ``log_them``)
+    and in the node's UI output under ``sound_warnings`` (history, API clients, the canvas)."""
+    for warning in warnings if log_them else ():
+        log.warning("%s: %s", node, warning)
+    return {"sound_warnings": list(warnings)} if warnings else {}
 
 
 def input_audio_files() -> list[str]:
@@ -66,14 +74,15 @@ class LoadAudio(io.ComfyNode):
     @classmethod
     def execute(cls, audio: str, max_seconds: float = 0.0) -> io.NodeOutput:
         path = resolve_input_file(audio)
-        waveform, sample_rate = load_audio_file(path, max_seconds=max_seconds or None)  # [C, T]
+        waveform, sample_rate, warnings = read_sound(path, max_seconds=max_seconds or None)  # [C, T], checked
         waveform = waveform.unsqueeze(0)  # [1, C, T], ComfyUI's AUDIO
-        # Checked as the very tensor the encoders receive, so they do not scan it again.
-        for warning in check_waveform(waveform, sample_rate)[0]:
-            log.warning("Load Audio (CLAP2Diffusion) %s: %s", audio, warning)
+        # The encoders receive this very tensor: they find its warnings (which name the file) here
+        # instead of scanning it again.
+        remember_checked(waveform, sample_rate, warnings)
         subfolder, filename = os.path.split(audio)
-        preview = ui.SavedAudios([ui.SavedResult(filename, subfolder, io.FolderType.input)])
-        return io.NodeOutput({"waveform": waveform, "sample_rate": sample_rate}, ui=preview)
+        preview = ui.SavedAudios([ui.SavedResult(filename, subfolder, io.FolderType.input)]).as_dict()
+        return io.NodeOutput({"waveform": waveform, "sample_rate": sample_rate},
+                             ui={**preview, **sound_warnings("Load Audio (CLAP2Diffusion)", warnings)})
 
     @classmethod
     def fingerprint_inputs(cls, audio: str, max_seconds: float = 0.0) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 
@@ -12,7 +11,7 @@ import folder_paths
 import torch
 from comfy.model_patcher import ModelPatcher
 
-from ..clap2diffusion_core.audio import check_waveform, count_windows, stream_audio_file
+from ..clap2diffusion_core.audio import check_waveform, count_windows, open_sound
 from ..clap2diffusion_core.clap import (
     CHECKPOINT_EXTENSIONS,
     BatchCallback,
@@ -23,10 +22,8 @@ from ..clap2diffusion_core.clap import (
 )
 from . import types
 from .api import io
-from .audio_nodes import LoadAudio, audio_file_input, resolve_input_file
+from .audio_nodes import LoadAudio, audio_file_input, resolve_input_file, sound_warnings
 from .paths import resolve_model_file, validation_message
-
-log = logging.getLogger(__name__)
 
 FOLDER = "clap"
 FILE_EXTENSIONS = (".safetensors", *CHECKPOINT_EXTENSIONS)
@@ -148,31 +145,43 @@ def progress_callback(node: str) -> BatchCallback:
     return between_batches
 
 
-def encode_audio(clap_model: ClapModelHandle, audio: dict, window_mode: str, node: str) -> torch.Tensor:
-    """ComfyUI AUDIO -> ``[B', 512]`` CLAP embeddings (see ``ClapAudioTower.embed``), streamed by
-    windows, with progress and Cancel per batch. The waveform is validated once per sound (a
-    sound Load Audio already checked is not scanned again), its warnings logged once."""
+def check_audio(audio: dict, node: str) -> tuple[torch.Tensor, int, dict[str, list[str]]]:
+    """An AUDIO input through the sound check: ``(waveform, sample_rate, ui)``. Raises ``AudioError``
+    on unusable audio. A sound is scanned once (one Load Audio output feeds several nodes) and its
+    warnings logged once; every node that takes it shows them in its UI output."""
     waveform, sample_rate = audio["waveform"], int(audio["sample_rate"])
-    warnings, first_time = check_waveform(waveform, sample_rate)  # raises AudioError on unusable audio
-    for warning in warnings if first_time else ():
-        log.warning("%s: %s", node, warning)
+    warnings, first_time = check_waveform(waveform, sample_rate)
+    return waveform, sample_rate, sound_warnings(node, warnings, log_them=first_time)
+
+
+def encode_audio(clap_model: ClapModelHandle, audio: dict, window_mode: str,
+                 node: str) -> tuple[torch.Tensor, dict[str, list[str]]]:  # fmt: skip
+    """ComfyUI AUDIO -> (``[B', 512]`` CLAP embeddings (see ``ClapAudioTower.embed``), UI warnings),
+    streamed by windows, with progress and Cancel per batch; checked by :func:`check_audio`."""
+    waveform, sample_rate, shown = check_audio(audio, node)
     tower = clap_model.load_audio()
     embeds = tower.embed(waveform, sample_rate, window_mode, on_batch=progress_callback(node))
-    return embeds.to(mm.intermediate_device())
+    return embeds.to(mm.intermediate_device()), shown
 
 
 def encode_audio_file(clap_model: ClapModelHandle, path: str, window_mode: str, max_seconds: float,
-                      node: str) -> torch.Tensor:
-    """A file in the input folder -> ``[1', 512]``, decoded and encoded a batch of windows at a time:
-    memory holds a few windows, not the file (an hour of audio is about 700 MB decoded)."""
+                      node: str) -> tuple[torch.Tensor, dict[str, list[str]]]:  # fmt: skip
+    """A file in the input folder -> (``[1', 512]``, UI warnings), decoded and encoded a batch of
+    windows at a time: memory holds a few windows, not the file (an hour of audio is about 700 MB
+    decoded). The sound check runs as the file is read (each piece, then the whole), so this path
+    refuses and warns as Load Audio does; in 'first' mode it judges the 11 s it reads."""
     limit = max_seconds or None
     if window_mode == "first":  # the first window and the resampler's context: stop reading there
         limit = min(limit or 11.0, 11.0)
-    sample_rate, samples, pieces = stream_audio_file(path, max_seconds=limit)
-    total = 1 if window_mode == "first" else (count_windows(samples, sample_rate) if samples else None)
-    tower = clap_model.load_audio()
-    embeds = tower.embed_stream(pieces, sample_rate, window_mode, total, on_batch=progress_callback(node))
-    return embeds.to(mm.intermediate_device())
+    stream = open_sound(path, max_seconds=limit)
+    try:
+        samples, sample_rate = stream.estimated_samples, stream.sample_rate
+        total = 1 if window_mode == "first" else (count_windows(samples, sample_rate) if samples else None)
+        tower = clap_model.load_audio()
+        embeds = tower.embed_stream(iter(stream), sample_rate, window_mode, total, on_batch=progress_callback(node))
+    finally:
+        stream.close()
+    return embeds.to(mm.intermediate_device()), sound_warnings(node, stream.finish())
 
 
 class ClapLoader(io.ComfyNode):
@@ -250,7 +259,8 @@ class ClapEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clap_model: ClapModelHandle, audio: dict, window_mode: str = "first") -> io.NodeOutput:
-        return io.NodeOutput(encode_audio(clap_model, audio, window_mode, "CLAP Encode"))  # [B', 512]
+        embeds, shown = encode_audio(clap_model, audio, window_mode, "CLAP Encode")  # [B', 512]
+        return io.NodeOutput(embeds, ui=shown or None)
 
 
 class ClapEncodeFile(io.ComfyNode):
@@ -293,7 +303,8 @@ class ClapEncodeFile(io.ComfyNode):
     def execute(cls, clap_model: ClapModelHandle, audio: str, window_mode: str = "mean",
                 max_seconds: float = 0.0) -> io.NodeOutput:  # fmt: skip
         path = resolve_input_file(audio)
-        return io.NodeOutput(encode_audio_file(clap_model, path, window_mode, max_seconds, "CLAP Encode File"))
+        embeds, shown = encode_audio_file(clap_model, path, window_mode, max_seconds, "CLAP Encode File")
+        return io.NodeOutput(embeds, ui=shown or None)
 
     @classmethod
     def fingerprint_inputs(cls, clap_model=None, audio: str = "", window_mode: str = "mean",

@@ -209,7 +209,7 @@ class AudioToPrompt(io.ComfyNode):
         labels: str = "",
     ) -> io.NodeOutput:
         vocabulary = user_vocabulary(label_file, labels)  # errors before any model work
-        embeds = encode_audio(clap_model, audio, window_mode, "Audio to Prompt")  # [B', 512]
+        embeds, shown = encode_audio(clap_model, audio, window_mode, "Audio to Prompt")  # [B', 512]
         # The text tower loads only here, and its label embeddings are cached per model.
         bank = label_cache().get(clap_model.load_text(), vocabulary)
         counts = (foreground_count, background_count, ambience_count)
@@ -222,7 +222,7 @@ class AudioToPrompt(io.ComfyNode):
         return io.NodeOutput(
             texts,
             *([p.levels[level] for p in prompts] for level in LEVELS),
-            ui={**preview, "text": texts},
+            ui={**preview, "text": texts, **shown},
         )
 
 

@@ -8,23 +8,19 @@ row per frame, and both injections give latent ``i`` of a batch row ``i``.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import comfy.model_management as mm
 import torch
 
 from ..clap2diffusion_core import energy, timeline
-from ..clap2diffusion_core.audio import check_waveform
 from ..clap2diffusion_core.levels import LEVELS
 from ..clap2diffusion_core.prompt import DEFAULT_COUNTS, DEFAULT_THRESHOLD
 from ..clap2diffusion_core.schedule import DEFAULT_MARGIN, DEFAULT_MIN_FRAMES, prompt_schedule
 from ..clap2diffusion_core.timeline_preview import render_timeline
 from . import types
 from .api import io, ui
-from .clap_nodes import ClapModelHandle, progress_callback
+from .clap_nodes import ClapModelHandle, check_audio, progress_callback
 from .prompt_nodes import label_cache
-
-log = logging.getLogger(__name__)
 
 # Windows per CLAP pass: CLAP's activations for a batch, not the sound's length, set the memory.
 # On the CPU a batch of 4 held about 120-190 MB more than a batch of 1 (47 MB) for a 10-minute
@@ -34,17 +30,15 @@ _FPS_TOOLTIP = "Frames per second of the animation; the same value as the node t
 _FRAMES_TOOLTIP = "How many frames. 0: as many as the sound lasts at this fps (a 20 s sound at 8 fps is 160)."
 
 
-def _one_sound(audio: dict, node: str) -> tuple[torch.Tensor, int]:
-    waveform, sample_rate = audio["waveform"], int(audio["sample_rate"])
-    warnings, first_time = check_waveform(waveform, sample_rate)  # raises AudioError on unusable audio
-    for warning in warnings if first_time else ():  # one AUDIO feeds several nodes: check it once
-        log.warning("%s: %s", node, warning)
+def _one_sound(audio: dict, node: str) -> tuple[torch.Tensor, int, dict[str, list[str]]]:
+    """One sound through the sound check: ``([1, C, T], sample_rate, UI warnings)``."""
+    waveform, sample_rate, shown = check_audio(audio, node)  # raises AudioError on unusable audio
     if waveform.ndim == 3 and waveform.shape[0] != 1:
         raise ValueError(
             f"{node} schedules one sound, found a batch of {waveform.shape[0]} sounds. "
             "Split the batch, or join the sounds into one track first."
         )
-    return (waveform if waveform.ndim == 3 else waveform[None]), sample_rate
+    return (waveform if waveform.ndim == 3 else waveform[None]), sample_rate, shown
 
 
 def _num_frames(waveform: torch.Tensor, sample_rate: int, fps: float, frames: int) -> int:
@@ -140,7 +134,7 @@ class ClapEncodeFrames(io.ComfyNode):
         smoothing_seconds: float,
         change_threshold: float,
     ) -> io.NodeOutput:
-        waveform, sample_rate = _one_sound(audio, "CLAP Encode Frames")
+        waveform, sample_rate, shown = _one_sound(audio, "CLAP Encode Frames")
         num_frames = _num_frames(waveform, sample_rate, fps, frames)
         stride = max(1, round(hop_seconds * fps))
         encoder = clap_model.load_audio()  # the audio tower alone (issue 16)
@@ -155,7 +149,7 @@ class ClapEncodeFrames(io.ComfyNode):
         summary = f"{num_frames} frames at {fps:g} fps; changes at: {change_text or 'none'}"
         return io.NodeOutput(
             embeds.to(mm.intermediate_device()), num_frames, change_text, found.novelty.tolist(),
-            ui={"text": [summary]},
+            ui={"text": [summary], **shown},
         )
 
 
@@ -199,11 +193,11 @@ class AudioEnergyCurves(io.ComfyNode):
 
     @classmethod
     def execute(cls, audio: dict, fps: float, frames: int, range_db: float) -> io.NodeOutput:
-        waveform, sample_rate = _one_sound(audio, "Audio Energy Curves")
+        waveform, sample_rate, shown = _one_sound(audio, "Audio Energy Curves")
         num_frames = _num_frames(waveform, sample_rate, fps, frames)
         loudness = energy.normalise_db(energy.loudness_db(waveform, sample_rate, fps, num_frames), range_db)
         onsets = energy.onset_strength(waveform, sample_rate, fps, num_frames)
-        return io.NodeOutput(loudness[0].tolist(), onsets[0].tolist(), num_frames)
+        return io.NodeOutput(loudness[0].tolist(), onsets[0].tolist(), num_frames, ui=shown or None)
 
 
 class ScaleAudioTokensPerFrame(io.ComfyNode):
@@ -336,9 +330,9 @@ class AudioToPromptSchedule(io.ComfyNode):
         counts = (foreground_count, background_count, ambience_count)
         result = prompt_schedule(scores, bank.vocabulary, counts, threshold, margin, min_frames, template)
         num_frames = len(result.prompts)
-        envelope = None
+        envelope, shown = None, {}
         if audio is not None:
-            waveform, sample_rate = _one_sound(audio, "Audio to Prompt Schedule")
+            waveform, sample_rate, shown = _one_sound(audio, "Audio to Prompt Schedule")
             envelope = energy.normalise_db(energy.loudness_db(waveform, sample_rate, fps, num_frames))[0].tolist()
         top = {
             level: [labels[level][0] if labels[level] else "" for labels in result.labels]
@@ -348,7 +342,7 @@ class AudioToPromptSchedule(io.ComfyNode):
         picture = render_timeline(fps, top, envelope, change_frames=_parse_frames(change_frames or ""))
         keyframes = result.keyframe_text()
         preview = ui.PreviewImage(picture, cls=cls).as_dict()
-        return io.NodeOutput(keyframes, result.prompts, picture, ui={**preview, "text": [keyframes]})
+        return io.NodeOutput(keyframes, result.prompts, picture, ui={**preview, "text": [keyframes], **shown})
 
 
 NODES: list[type[io.ComfyNode]] = [ClapEncodeFrames, AudioEnergyCurves, ScaleAudioTokensPerFrame, AudioToPromptSchedule]

@@ -29,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SERVER_FIXTURES = {"comfy_server", "comfy"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STANDIN_PACK = REPO_ROOT / "tests" / "interop_standin"  # the interop tests' "other pack"
+PROBE_PACK = REPO_ROOT / "tests" / "probe_pack"  # SaveTensorProbe: a socket's exact value to a file
 
 
 class _PackRootIsAFolder:
@@ -73,7 +74,8 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, test_models: tm.TestM
     models/controlnet, models/loras, models/clap/tiny-clap-htsat-unfused/, models/clap2diffusion/
     (stage 1 and a stage 3 file with adapters for the tiny UNet);
     input/ holds the test sounds (thunder.wav, ...); custom_nodes/interop_standin -> tests/interop_standin,
-    a second pack for the interop tests (one node, InteropStandIn_AttentionPatch).
+    a second pack for the interop tests (one node, InteropStandIn_AttentionPatch); custom_nodes/probe_pack
+    -> tests/probe_pack (SaveTensorProbe, which writes a tensor to the output folder).
     """
     models: dict[str, list[Path]] = {
         "checkpoints": [test_models.sd15_checkpoint],
@@ -84,6 +86,7 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, test_models: tm.TestM
     }
     base = make_base_dir(tmp_path_factory.mktemp("comfyui"), models, inputs=list(test_models.sounds.values()))
     (base / "custom_nodes" / STANDIN_PACK.name).symlink_to(STANDIN_PACK, target_is_directory=True)
+    (base / "custom_nodes" / PROBE_PACK.name).symlink_to(PROBE_PACK, target_is_directory=True)
     # C2D_FRONT_END_ROOT: serve another frontend build (a comfyui-frontend-package's static/).
     front_end = os.environ.get("C2D_FRONT_END_ROOT")
     server = ComfyServer(base, extra_args=["--front-end-root", front_end] if front_end else [])

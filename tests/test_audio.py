@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from clap2diffusion_core import audio
+from clap2diffusion_core import audio, sound_file
 from clap2diffusion_core.audio import (
     WINDOW_SAMPLES,
     AudioError,
@@ -119,7 +119,7 @@ def test_max_seconds_stops_decoding_early(tmp_path):
 def test_soundfile_is_the_fallback_decoder(tmp_path, monkeypatch):
     path = tmp_path / "tone.wav"
     sf.write(path, tone(440, 22050, 0.5), 22050)
-    monkeypatch.setattr(audio, "_load_with_pyav", lambda *a: (_ for _ in ()).throw(RuntimeError("no ffmpeg")))
+    monkeypatch.setattr(sound_file, "_open_pyav", lambda *a: (_ for _ in ()).throw(RuntimeError("no ffmpeg")))
 
     waveform, sr = load_audio_file(path, max_seconds=0.25)
 
@@ -130,7 +130,7 @@ def test_soundfile_is_the_fallback_decoder(tmp_path, monkeypatch):
     "content, expected",
     [
         (b"\x89PNG\r\n\x1a\n" + bytes(64), "looks like a PNG image"),
-        (b"just some notes, not a sound\n" * 4, "looks like a text file"),
+        (b"just some notes, not a sound\n" * 4, "it is a text file"),
         (bytes(range(256)), "starts with bytes 00 01 02"),
     ],
 )
@@ -177,10 +177,10 @@ def test_very_short_audio_is_a_warning():
     "waveform, sr, match",
     [
         (torch.zeros(1, 2, 0), 48000, "empty"),
-        (torch.tensor([[[0.0, float("nan"), 0.1]]]), 48000, "1 NaN/Inf"),
-        (torch.tensor([[[0.0, float("inf")]]]), 48000, "NaN/Inf"),
+        (torch.tensor([[[0.0, float("nan"), 0.1]]]), 48000, r"NaN or infinite samples \(the first at 0:00.00\)"),
+        (torch.tensor([[[0.0, float("inf")]]]), 48000, "NaN or infinite"),
         (torch.zeros(4), 48000, r"\[C, T\] or \[B, C, T\]"),
-        (torch.zeros(1, 100), 0, "Sample rate"),
+        (torch.zeros(1, 100), 0, "sample rate is 0 Hz"),
         (torch.zeros(1, 100, dtype=torch.int16), 48000, "float samples"),
     ],
 )
@@ -308,11 +308,12 @@ def test_load_audio_node_outputs_core_audio_and_a_preview(load_audio_node):
     audio_out = out.args[0]
     assert audio_out["sample_rate"] == 22050
     assert audio_out["waveform"].shape == (1, 1, 11025) and audio_out["waveform"].dtype == torch.float32
-    assert out.ui.as_dict() == {"audio": [{"filename": "rain.flac", "subfolder": "sub", "type": "input"}]}
+    assert out.ui == {"audio": [{"filename": "rain.flac", "subfolder": "sub", "type": "input"}]}  # no warnings
 
 
 def test_load_audio_node_output_is_not_validated_again_downstream(load_audio_node, monkeypatch):
-    """Load Audio checks the very [1, C, T] tensor it outputs, so CLAP Encode's check is free."""
+    """Load Audio checks the sound as it decodes it and records the very [1, C, T] tensor it outputs
+    as checked, so CLAP Encode's check is free (no second scan)."""
     import comfy_pack
 
     audio_module = comfy_pack.load("clap2diffusion_core.audio")  # the copy the nodes import
@@ -321,9 +322,9 @@ def test_load_audio_node_output_is_not_validated_again_downstream(load_audio_nod
     monkeypatch.setattr(audio_module, "validate_waveform", lambda *a: scans.append(1) or real(*a))
 
     out = load_audio_node.LoadAudio.execute("thunder.wav").args[0]
-    assert len(scans) == 1
+    assert len(scans) == 0  # checked piece by piece while decoding, not scanned afterwards
     _, first_time = audio_module.check_waveform(out["waveform"], out["sample_rate"])  # as encode_audio does
-    assert not first_time and len(scans) == 1
+    assert not first_time and len(scans) == 0
 
 
 def test_load_audio_node_max_seconds(load_audio_node):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..audio import load_audio_file, prepare_windows
+from ..audio import prepare_windows, read_sound
 from ..checkpoint import CheckpointError
 from ..clap import ClapEncoder
 
@@ -57,7 +57,9 @@ class AudioEmbedder:
     def load(self, path: str) -> torch.Tensor:
         """One file -> its CLAP windows ``[n, 480000]``; raises ``AudioError`` for unusable audio."""
         limit = 10.0 if self.mode == "first" else self.max_seconds
-        waveform, sample_rate = load_audio_file(path, max_seconds=limit)
+        waveform, sample_rate, warnings = read_sound(path, max_seconds=limit)  # the nodes' checks and reader
+        for warning in warnings:
+            log.warning("%s", warning)
         windows = prepare_windows(waveform.unsqueeze(0), sample_rate)[0]
         return windows[:1] if self.mode == "first" else windows
 
