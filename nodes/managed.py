@@ -17,6 +17,7 @@ any device), and is held in a ModelPatcher:
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import comfy.model_management as mm
@@ -26,6 +27,8 @@ from comfy.model_patcher import ModelPatcher
 
 from ..clap2diffusion_core.checkpoint import load_checkpoint, read_metadata
 from ..clap2diffusion_core.model import CLAP2DiffusionModel, ModelConfig
+
+log = logging.getLogger(__name__)
 
 #: The weight dtypes a CLAP2Diffusion file may be stored in, in model management's order of preference.
 SUPPORTED_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -56,7 +59,14 @@ def load_managed(path: str | os.PathLike) -> CLAP2DiffusionModel:
     model = load_checkpoint(path, device=offload_device, dtype=weight_dtype, operations=operations)
     model.compute_dtype = manual_cast or weight_dtype
     setattr(model, PATCHER_ATTR, ModelPatcher(model, load_device=load_device, offload_device=offload_device))
+    log.info("CLAP2Diffusion %s: weights %s (computing in %s), %.2f MB", model.name, weight_dtype,
+             model.dtype, weight_bytes(model) / 2**20)
     return model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's parameters and buffers take, as stored."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def patcher_of(model: CLAP2DiffusionModel) -> ModelPatcher | None:
