@@ -16,17 +16,18 @@ any device), and is held in a ModelPatcher:
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 
 import comfy.model_management as mm
 import comfy.ops
 import torch
 from comfy.model_patcher import ModelPatcher
+from safetensors import safe_open
 
 from ..clap2diffusion_core.checkpoint import load_checkpoint, read_metadata
-from ..clap2diffusion_core.model import CLAP2DiffusionModel, ModelConfig
+from ..clap2diffusion_core.model import CLAP2DiffusionModel
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,10 @@ SUPPORTED_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 PATCHER_ATTR = "comfy_patcher"
 
 
-def parameter_count(config: ModelConfig) -> int:
-    """Parameters of a model of ``config``, counted without allocating it."""
-    with torch.device("meta"):
-        model = CLAP2DiffusionModel(config, operations=comfy.ops.disable_weight_init)
-    return sum(p.numel() for p in model.parameters())
+def parameter_count(path: str | os.PathLike) -> int:
+    """Parameters in a CLAP2Diffusion file (its tensors are the model's parameters), from its header."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118 (not a Mapping)
 
 
 def choose_storage(parameters: int) -> tuple[torch.device, torch.device, torch.dtype, torch.dtype | None]:
@@ -53,8 +53,8 @@ def choose_storage(parameters: int) -> tuple[torch.device, torch.device, torch.d
 
 def load_managed(path: str | os.PathLike) -> CLAP2DiffusionModel:
     """Load a CLAP2Diffusion file as model management chooses (see the module docstring)."""
-    config = ModelConfig.from_dict(json.loads(read_metadata(path)["config"]))
-    load_device, offload_device, weight_dtype, manual_cast = choose_storage(parameter_count(config))
+    read_metadata(path)  # refuses what is not a CLAP2Diffusion file before the header is read for sizes
+    load_device, offload_device, weight_dtype, manual_cast = choose_storage(parameter_count(path))
     operations = comfy.ops.pick_operations(weight_dtype, manual_cast, load_device)
     model = load_checkpoint(path, device=offload_device, dtype=weight_dtype, operations=operations)
     model.compute_dtype = manual_cast or weight_dtype
