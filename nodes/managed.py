@@ -59,8 +59,9 @@ def load_managed(path: str | os.PathLike) -> CLAP2DiffusionModel:
     model = load_checkpoint(path, device=offload_device, dtype=weight_dtype, operations=operations)
     model.compute_dtype = manual_cast or weight_dtype
     setattr(model, PATCHER_ATTR, ModelPatcher(model, load_device=load_device, offload_device=offload_device))
-    log.info("CLAP2Diffusion %s: weights %s (computing in %s), %.2f MB", model.name, weight_dtype,
-             model.dtype, weight_bytes(model) / 2**20)
+    stored = {p.dtype for p in model.parameters()}  # as allocated, not as asked for
+    log.info("CLAP2Diffusion %s: weights %s (computing in %s), %.2f MB", model.name,
+             ",".join(sorted(map(str, stored))), model.dtype, weight_bytes(model) / 2**20)
     return model
 
 
