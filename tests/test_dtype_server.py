@@ -165,8 +165,8 @@ def test_dtype_clap2diffusion_file_takes_half_the_memory_of_float32(
     embeds = g.node("C2D_ClapEncode", clap_model=clap.out, audio=audio.out, window_mode="first")
     levels = g.node("C2D_HierarchicalDecompose", clap2diffusion=c2d.out, clap_embeds=embeds.out,
                     foreground=1.0, background=1.0, ambience=1.0)
-    g.node("C2D_AudioProject", audio_levels=levels.out, clap2diffusion=c2d.out)
-    g.node("PreviewAny", source=embeds.out)
+    tokens = g.node("C2D_AudioProject", audio_levels=levels.out, clap2diffusion=c2d.out)
+    g.node("PreviewAny", source=tokens.out)  # an output node downstream, so the loader runs
     server.client.execute(g.prompt(), timeout=300)
     found = dict(re.findall(r"CLAP2Diffusion (\S+): weights \S+ \(computing in \S+\), ([\d.]+) MB", server.log()))
     stored = float(found[STAGE3])
