@@ -43,8 +43,9 @@ test-quick: $(STAMP)  ## everything but the real-server tests (-m "not slow")
 test-slow: $(STAMP)  ## only the real-server tests
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## ruff
+lint: $(STAMP)  ## ruff, then comfy-test's static levels (syntax and javascript)
 	$(PY) -m ruff check .
+	$(VENV)/bin/comfy-test lint --strict .
 
 train-smoke: $(STAMP)  ## train all three stages on CPU on generated sounds (a few minutes); prints JSON last
 	@paths=($$($(PY) tools/test_models.py --print sd15_checkpoint clap_folder)) && set -x && \

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -242,12 +242,14 @@ def initial_route_logits(num_layers: int, sharpness: float = ROUTE_INIT_SHARPNES
 class AudioAdapterLayer(nn.Module):
     """Audio keys and values for one cross-attention layer, and its gate (a scalar, zero at init)."""
 
-    def __init__(self, context_dim: int, inner_dim: int, heads: int) -> None:
+    def __init__(self, context_dim: int, inner_dim: int, heads: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, operations: Any = nn) -> None:
         super().__init__()
         self.heads = heads
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.gate = nn.Parameter(torch.zeros(()))
+        kw = {"dtype": dtype, "device": device}
+        self.to_k = operations.Linear(context_dim, inner_dim, bias=False, **kw)
+        self.to_v = operations.Linear(context_dim, inner_dim, bias=False, **kw)
+        self.gate = nn.Parameter(torch.zeros((), **kw))
 
 
 class AudioAdapter(nn.Module):
@@ -256,16 +258,20 @@ class AudioAdapter(nn.Module):
     Holds only weights and the per-layer precomputation; the attention itself is
     :mod:`clap2diffusion_core.audio_attention`, shared by the diffusers processor (training) and
     the ComfyUI model patch (inference). SD1.5: 16 layers, 19,169,344 parameters.
+
+    ``operations``, ``dtype``, ``device``: as for :class:`~.projector.AudioProjector`. Gates and
+    routing are read in float32 whatever the weights' dtype.
     """
 
-    def __init__(self, config: AdapterConfig) -> None:
+    def __init__(self, config: AdapterConfig, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, operations: Any = nn) -> None:
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(
-            AudioAdapterLayer(config.context_dim, inner, heads)
+            AudioAdapterLayer(config.context_dim, inner, heads, dtype=dtype, device=device, operations=operations)
             for inner, heads in zip(config.inner_dims, config.heads, strict=True)
         )
-        self.route_logits = nn.Parameter(initial_route_logits(len(self.layers)))
+        self.route_logits = nn.Parameter(initial_route_logits(len(self.layers)).to(device=device, dtype=dtype))
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -297,19 +303,20 @@ class AudioAdapter(nn.Module):
         return per_token * (self.gates() * strength)[:, None]
 
     def layer_kv(
-        self, index: int, tokens: torch.Tensor, token_scale: torch.Tensor
+        self, index: int, tokens: torch.Tensor, token_scale: torch.Tensor, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Audio keys and (scaled) values of layer ``index``, split into heads.
 
         ``tokens [B, N, C]``, ``token_scale [N]`` -> ``(key, value)`` each ``[B, H, N, dim_head]``,
-        in the dtype and on the device of the layer's weights.
+        on the device of the layer's weights, in ``dtype`` (default: the weights' dtype; another one
+        needs layers that cast their weights, as ``comfy.ops.manual_cast``'s do).
         """
         layer = self.layers[index]
         weight = layer.to_k.weight
-        tokens = tokens.to(device=weight.device, dtype=weight.dtype)
+        tokens = tokens.to(device=weight.device, dtype=dtype or weight.dtype)
         b, n, _ = tokens.shape
         key = layer.to_k(tokens)
-        value = layer.to_v(tokens) * token_scale.to(tokens.dtype)[:, None]
+        value = layer.to_v(tokens) * token_scale.to(device=tokens.device, dtype=tokens.dtype)[:, None]
         return (
             key.view(b, n, layer.heads, -1).transpose(1, 2),
             value.view(b, n, layer.heads, -1).transpose(1, 2),

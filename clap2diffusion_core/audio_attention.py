@@ -124,21 +124,23 @@ class AudioKV(nn.Module):
         level_weights: Sequence[float] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        compute_dtype: torch.dtype = torch.float32,
     ) -> None:
-        """``tokens [Ba, N, C]``, ``uncond [1, N, C]``, ``token_levels [N]``; K/V computed in fp32
-        on the adapter's device, stored in ``dtype`` (the UNet's compute dtype) on ``device``."""
+        """``tokens [Ba, N, C]``, ``uncond [1, N, C]``, ``token_levels [N]``; K/V computed in
+        ``compute_dtype`` (default float32; another dtype than the weights' needs casting layers, see
+        ``AudioAdapter.layer_kv``) on each adapter layer's device, stored in ``dtype`` (the UNet's
+        compute dtype) on ``device``."""
         super().__init__()
         self.layers: tuple[int, ...] = tuple(adapter.active_layers(strength, level_weights))
         self.num_rows = tokens.shape[0]
         self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        weight = adapter.route_logits
         with torch.no_grad():
             scales = adapter.token_scales(token_levels, strength, level_weights).float()
             self.slots = nn.ModuleList()
             for index in self.layers:
                 slot = nn.Module()
                 for name, rows in (("cond", tokens), ("uncond", uncond)):
-                    k, v = adapter.layer_kv(index, rows.to(weight.device, torch.float32), scales[index])
+                    k, v = adapter.layer_kv(index, rows, scales[index], compute_dtype)
                     for prefix, t in (("k", k), ("v", v)):
                         t = t.to(device=device or t.device, dtype=dtype or t.dtype).contiguous()
                         setattr(slot, f"{prefix}_{name}", nn.Parameter(t, requires_grad=False))

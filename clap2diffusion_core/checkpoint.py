@@ -16,13 +16,16 @@ import json
 import os
 import struct
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .errors import CheckpointError
 from .model import BASE_FAMILIES, CLAP2DiffusionModel, ModelConfig
+from .types import fingerprint
 
 FORMAT = "clap2diffusion"
 #: The newest version this code reads and writes (2: a pooled head); files without one stay version 1.
@@ -175,9 +178,16 @@ def _check_state(
 
 
 def load_checkpoint(
-    path: str | os.PathLike, device: torch.device | str = "cpu"
+    path: str | os.PathLike, device: torch.device | str = "cpu", *, dtype: torch.dtype | None = None,
+    operations: Any = nn,
 ) -> CLAP2DiffusionModel:
-    """Rebuild the model a file was saved from; raises :class:`CheckpointError` naming any mismatch."""
+    """Rebuild the model a file was saved from; raises :class:`CheckpointError` naming any mismatch.
+
+    ``dtype`` stores the weights in another dtype than the file's float32 (ComfyUI: the one model
+    management picks); ``operations`` builds the layers (see :class:`CLAP2DiffusionModel`). The
+    fingerprint is always the file's, whatever the dtype, so tokens saved on one server are accepted by
+    another that loads the same file in another dtype.
+    """
     path = os.fspath(path)
     metadata = read_metadata(path)
     try:
@@ -194,7 +204,7 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path}: metadata {key}={metadata.get(key)} but its config says {value}"
             )
-    model = CLAP2DiffusionModel(config, name=os.path.basename(path))
+    model = CLAP2DiffusionModel(config, name=os.path.basename(path), dtype=dtype, device=device, operations=operations)
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
@@ -203,6 +213,8 @@ def load_checkpoint(
             f"{path}: unreadable tensors ({err}); the file may be truncated"
         ) from err
     _check_state(state, model, path)
+    if any(model.state_dict()[k].dtype != v.dtype for k, v in state.items()):
+        model._fingerprint = fingerprint(state)  # of the file, before the cast
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import ModuleConfig
 from .levels import LEVEL_PRIOR, NUM_LEVELS
+from .projector import cast_like
 from .types import AudioLevels
 
 
@@ -32,19 +34,23 @@ class HierarchicalDecomposer(nn.Module):
     logits, so an untrained decomposer already splits the tokens by the prior. A per-sample gate
     weighs the levels, so a thunderclap can lean on the foreground and a rainy street on the
     background. About 0.3M parameters with the defaults.
+
+    ``operations``, ``dtype``, ``device``: as for :class:`~.projector.AudioProjector`.
     """
 
-    def __init__(self, config: DecomposerConfig) -> None:
+    def __init__(self, config: DecomposerConfig, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, operations: Any = nn) -> None:
         super().__init__()
         self.config = config
         k, d = config.num_tokens, config.token_dim
-        self.token_proj = nn.Linear(config.clap_dim, k * d)
-        self.token_pos = nn.Parameter(torch.randn(k, d) * 0.02)
-        self.assign_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, NUM_LEVELS))
+        ops, kw = operations, {"dtype": dtype, "device": device}
+        self.token_proj = ops.Linear(config.clap_dim, k * d, **kw)
+        self.token_pos = nn.Parameter(torch.randn(k, d, **kw) * 0.02)
+        self.assign_head = nn.Sequential(ops.LayerNorm(d, **kw), ops.Linear(d, NUM_LEVELS, **kw))
         self.level_gate = nn.Sequential(
-            nn.Linear(config.clap_dim, config.hidden_dim),
+            ops.Linear(config.clap_dim, config.hidden_dim, **kw),
             nn.GELU(),
-            nn.Linear(config.hidden_dim, NUM_LEVELS),
+            ops.Linear(config.hidden_dim, NUM_LEVELS, **kw),
         )
         log_prior = torch.tensor(
             [math.log(p / sum(config.level_prior)) for p in config.level_prior]
@@ -68,11 +74,12 @@ class HierarchicalDecomposer(nn.Module):
         tokens = self.token_proj(clap_embeds).view(
             b, self.config.num_tokens, self.config.token_dim
         )
-        tokens = tokens + self.token_pos
-        logits = self.assign_head(tokens) + self.log_prior
+        tokens = tokens + cast_like(self.token_pos, tokens)
+        log_prior = cast_like(self.log_prior, tokens)
+        logits = self.assign_head(tokens) + log_prior
         assignment = torch.softmax(logits / temperature, dim=-1)
         level_weights = torch.softmax(
-            self.level_gate(clap_embeds) + self.log_prior, dim=-1
+            self.level_gate(clap_embeds) + log_prior, dim=-1
         )
         return AudioLevels(
             tokens=tokens,

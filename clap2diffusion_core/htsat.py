@@ -23,9 +23,16 @@ the order of operations is ours), equal within ~1e-6, and faster, mostly on the 
 ``pooled_audio_features`` replaces ``ClapAudioModel(...).pooler_output`` for windows that are
 "not longer" than 10 s (``is_longer`` all false: what the pack always passes, so fused models read
 only the first mel view, as laion-clap's inference does).
+
+**Two branches.** The CPU branch (wide stages ``WIDE_STAGE_CLIPS`` clips at a time; oneDNN linears
+in float32) runs for CPU tensors; the other branch (``F.linear``, whole batch) everywhere else (CUDA,
+MPS). ``branch="cuda"`` (or ``CLAP2DIFFUSION_HTSAT_BRANCH=cuda``) runs the
+latter on the CPU too, so the path a GPU takes is tested on machines without one.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,29 +43,44 @@ WIDE_STAGES = 2
 WIDE_STAGE_CLIPS = 2
 #: transformers' (and laion-clap's) additive mask between tokens from different shifted regions.
 _MASKED = -100.0
+#: Environment switch: ``cuda`` runs the non-CPU branch on the CPU too (see the module docstring).
+BRANCH_ENV = "CLAP2DIFFUSION_HTSAT_BRANCH"
+BRANCHES = ("cpu", "cuda")
 
 
-def pooled_audio_features(audio_model: nn.Module, mel: torch.Tensor) -> torch.Tensor:
+def pick_branch(x: torch.Tensor, branch: str | None = None) -> str:
+    """``"cpu"`` or ``"cuda"``: ``branch``, else the environment's :data:`BRANCH_ENV`, else by tensor."""
+    branch = branch or os.environ.get(BRANCH_ENV) or None
+    if branch is None:
+        return "cpu" if x.device.type == "cpu" else "cuda"
+    if branch not in BRANCHES:
+        raise ValueError(f"HTS-AT branch must be one of {BRANCHES} (argument or {BRANCH_ENV}), got {branch!r}")
+    return branch
+
+
+def pooled_audio_features(audio_model: nn.Module, mel: torch.Tensor, branch: str | None = None) -> torch.Tensor:
     """``[N, C, 1001, 64]`` log-mel (C = 1, or the 4 views of a fused model) -> ``[N, H]`` pooled
     HTS-AT features (H = 768 for HTSAT-tiny), as ``ClapAudioModel``'s ``pooler_output``.
 
     ``audio_model`` is a transformers ``ClapAudioModel``; its weights are read, never copied.
+    ``branch``: see :func:`pick_branch` (None: by device; both give the same numbers within 1e-5).
     """
     enc = audio_model.audio_encoder
     x = enc.batch_norm(mel.transpose(1, 3)).transpose(1, 3)
     x = _mel_to_image(x, enc.spec_size, enc.freq_ratio)  # [N, C, 256, 256]
-    split = WIDE_STAGES if x.device.type == "cpu" else 0
+    on_cpu = pick_branch(x, branch) == "cpu"
+    split = WIDE_STAGES if on_cpu else 0
     no_longer = torch.zeros(0, dtype=torch.long, device=x.device)
 
     def first_stages(images: torch.Tensor) -> torch.Tensor:
         tokens = enc.patch_embed(images, no_longer)  # [n, 64 * 64, 96]
         for i in range(split):
-            tokens = _stage(enc, i, tokens)
+            tokens = _stage(enc, i, tokens, on_cpu)
         return tokens
 
     x = torch.cat([first_stages(part) for part in x.split(WIDE_STAGE_CLIPS)]) if split else first_stages(x)
     for i in range(split, len(enc.layers)):
-        x = _stage(enc, i, x)
+        x = _stage(enc, i, x, on_cpu)
     x = enc.norm(x)  # [N, 8 * 8, 768]
     # HTS-AT's pooling: the mean over the final token grid (transformers' group reshape around
     # its average pool reorders tokens only; the mean is the same).
@@ -81,7 +103,7 @@ def _mel_to_image(x: torch.Tensor, spec_size: int, freq_ratio: int) -> torch.Ten
     return x.reshape(n, c, f * freq_ratio, t // freq_ratio)
 
 
-def _stage(enc: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
+def _stage(enc: nn.Module, index: int, x: torch.Tensor, on_cpu: bool) -> torch.Tensor:
     """One Swin stage: its blocks, then patch merging (all but the last). ``[N, h * w, C]``."""
     stage = enc.layers[index]
     height, width = enc.input_resolutions[index]
@@ -92,13 +114,14 @@ def _stage(enc: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
         ws, shift = (window, window // 2 if i % 2 else 0)
         if min(height, width) <= window:
             ws, shift = min(height, width), 0
-        x = _block(block, x, height, width, ws, shift)
+        x = _block(block, x, height, width, ws, shift, on_cpu)
     if stage.downsample is not None:
-        x = _merge_patches(stage.downsample, x, height, width)
+        x = _merge_patches(stage.downsample, x, height, width, on_cpu)
     return x
 
 
-def _block(block: nn.Module, x: torch.Tensor, height: int, width: int, ws: int, shift: int) -> torch.Tensor:
+def _block(block: nn.Module, x: torch.Tensor, height: int, width: int, ws: int, shift: int,
+           on_cpu: bool) -> torch.Tensor:  # fmt: skip
     """A Swin block (transformers' ``ClapAudioLayer``): ``[N, h * w, C]`` -> the same shape."""
     n, _, c = x.shape
     attn = block.attention.self
@@ -113,19 +136,19 @@ def _block(block: nn.Module, x: torch.Tensor, height: int, width: int, ws: int, 
     windows = h.view(n, rows, ws, cols, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, length, c)
 
     def heads_of(layer: nn.Linear) -> torch.Tensor:  # [n * windows, heads, 64, C / heads]
-        return _linear(windows, layer).view(-1, length, heads, c // heads).transpose(1, 2)
+        return _linear(windows, layer, on_cpu).view(-1, length, heads, c // heads).transpose(1, 2)
 
     mask = _attention_mask(block, height, width, ws, shift, x.dtype)  # [1 or windows, heads, 64, 64]
     if mask.shape[0] > 1:
         mask = mask.repeat(n, 1, 1, 1)  # windows are batch-major: clip 0's, then clip 1's
     out = F.scaled_dot_product_attention(heads_of(attn.query), heads_of(attn.key), heads_of(attn.value), mask)
-    out = _linear(out.transpose(1, 2).reshape(-1, length, c), block.attention.output.dense)
+    out = _linear(out.transpose(1, 2).reshape(-1, length, c), block.attention.output.dense, on_cpu)
     out = out.view(n, rows, cols, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, height, width, c)
     if shift:
         out = torch.roll(out, (shift, shift), (1, 2))
     x = x + out.reshape(n, -1, c)
-    mlp = block.intermediate.intermediate_act_fn(_linear(block.layernorm_after(x), block.intermediate.dense))
-    return x + _linear(mlp, block.output.dense)
+    mlp = block.intermediate.intermediate_act_fn(_linear(block.layernorm_after(x), block.intermediate.dense, on_cpu))
+    return x + _linear(mlp, block.output.dense, on_cpu)
 
 
 def _attention_mask(block: nn.Module, height: int, width: int, ws: int, shift: int,
@@ -154,18 +177,21 @@ def _attention_mask(block: nn.Module, height: int, width: int, ws: int, shift: i
     return bias + torch.where(different, _MASKED, 0.0).to(dtype)[:, None]
 
 
-def _merge_patches(merge: nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _merge_patches(merge: nn.Module, x: torch.Tensor, height: int, width: int, on_cpu: bool) -> torch.Tensor:
     """Swin patch merging: ``[N, h * w, C]`` -> ``[N, h/2 * w/2, 2C]`` (2x2 neighbours concatenated
     in transformers' order, LayerNorm, linear)."""
     n, _, c = x.shape
     x = x.view(n, height, width, c)
     x = torch.cat([x[:, row::2, col::2, :] for col in range(2) for row in range(2)], dim=-1)
-    return _linear(merge.norm(x.view(n, -1, 4 * c)), merge.reduction)
+    return _linear(merge.norm(x.view(n, -1, 4 * c)), merge.reduction, on_cpu)
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``layer(x)`` for ``x [..., in]``; on the CPU through oneDNN (see the module docstring)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+def _linear(x: torch.Tensor, layer: nn.Module, on_cpu: bool | None = None) -> torch.Tensor:
+    """``layer(x)`` for ``x [..., in]`` (``layer``: an ``nn.Linear``'s weight and bias); on the CPU
+    branch through oneDNN (see the module docstring). ``on_cpu`` None: by ``x``."""
+    if on_cpu is None:
+        on_cpu = pick_branch(x) == "cpu"
+    if not on_cpu or x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return F.linear(x, layer.weight, layer.bias)
     lead, k = x.shape[:-1], x.shape[-1]
     # [M, in] rows are an NHWC image of M x 1 pixels with `in` channels; the weight a 1x1 kernel.

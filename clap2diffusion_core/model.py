@@ -110,22 +110,44 @@ class CLAP2DiffusionModel(nn.Module):
     ``encode`` turns CLAP embeddings into :class:`AudioLevels`, ``project`` turns those into
     :class:`AudioTokens`; both are plain data naming this model by :attr:`fingerprint`. The
     tokens of silence, which only the model injection uses, come from :meth:`silence_tokens`.
+
+    ``operations`` builds every layer: ``torch.nn`` (training: fp32 master weights) or, in ComfyUI,
+    the ``comfy.ops`` class model management picks, with the weights' ``dtype``/``device`` (see
+    ``nodes/managed.py``). Inference computes in :attr:`dtype` on :attr:`device`; its outputs are
+    float32, on the device of its input.
     """
 
-    def __init__(self, config: ModelConfig, name: str = "") -> None:
+    def __init__(self, config: ModelConfig, name: str = "", *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, operations: Any = nn) -> None:
         super().__init__()
         self.config = config
         #: The file it was loaded from (for messages); "" for a model built in memory.
         self.name = name
-        self.decomposer = HierarchicalDecomposer(config.decomposer)
-        self.projector = AudioProjector(config.projector)
-        self.adapter: AudioAdapter | None = None if config.adapter is None else AudioAdapter(config.adapter)
-        self.pooled_head: PooledHead | None = None if config.pooled is None else PooledHead(config.pooled)
+        built = {"dtype": dtype, "device": device, "operations": operations}
+        self.decomposer = HierarchicalDecomposer(config.decomposer, **built)
+        self.projector = AudioProjector(config.projector, **built)
+        self.adapter: AudioAdapter | None = None if config.adapter is None else AudioAdapter(config.adapter, **built)
+        self.pooled_head: PooledHead | None = None if config.pooled is None else PooledHead(config.pooled, **built)
         self._fingerprint: str | None = None
+        #: The dtype inference computes in; None: the weights'. ComfyUI sets it (float32 for float16
+        #: weights on a CPU, which ``manual_cast`` layers cast per call).
+        self.compute_dtype: torch.dtype | None = None
+        self._device: torch.device | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.projector.queries.device
+        """The device inference computes on: the weights' unless set (ComfyUI's ModelPatcher sets it
+        when it loads or offloads the model; partly loaded layers cast their weights to it)."""
+        return self._device or self.projector.queries.device
+
+    @device.setter
+    def device(self, device: torch.device | str | None) -> None:
+        self._device = None if device is None else torch.device(device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype inference computes in (float32 for a model built by training code)."""
+        return self.compute_dtype or self.projector.queries.dtype
 
     @property
     def fingerprint(self) -> str:
@@ -137,20 +159,20 @@ class CLAP2DiffusionModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, clap_embeds: torch.Tensor, temperature: float | None = None) -> AudioLevels:
-        """``clap_embeds [B, clap_dim]`` -> AudioLevels (inference: no grad)."""
+        """``clap_embeds [B, clap_dim]`` -> AudioLevels, float32 on ``clap_embeds``' device (inference: no grad)."""
         embeds = clap_embeds.to(self.device, torch.float32)
         first, inverse = distinct_rows(embeds)
-        if first is None:
-            levels = self.decomposer(embeds, temperature)
-        else:  # each distinct embedding once (see distinct_rows), then one row per input row
-            levels = self.decomposer(embeds[first], temperature)
-            levels = replace(
-                levels,
-                tokens=levels.tokens[inverse],
-                assignment=levels.assignment[inverse],
-                level_weights=levels.level_weights[inverse],
-            )
-        return replace(levels, source=self.fingerprint)
+        rows = embeds if first is None else embeds[first]  # each distinct embedding once (see distinct_rows)
+        levels = self.decomposer(rows.to(self.dtype), temperature)
+        back = {"device": clap_embeds.device, "dtype": torch.float32}
+        pick = (lambda t: t.to(**back)) if first is None else (lambda t: t[inverse].to(**back))  # one row per input
+        return replace(
+            levels,
+            tokens=pick(levels.tokens),
+            assignment=pick(levels.assignment),
+            level_weights=pick(levels.level_weights),
+            source=self.fingerprint,
+        )
 
     def silence_tokens(self, temperature: float | None = None) -> torch.Tensor:
         """``[1, N, C]`` tokens of a zero CLAP embedding: what unconditional rows attend to.
@@ -158,13 +180,13 @@ class CLAP2DiffusionModel(nn.Module):
         The one place they are computed: the model injection (no grad) and training (with grad,
         at the annealed temperature) both call this.
         """
-        zeros = torch.zeros(1, self.config.decomposer.clap_dim, device=self.device)
+        zeros = torch.zeros(1, self.config.decomposer.clap_dim, device=self.device, dtype=self.dtype)
         return self.projector(self.decomposer(zeros, temperature))
 
     @torch.no_grad()
     def project(self, levels: AudioLevels) -> AudioTokens:
         """AudioLevels -> AudioTokens ``[B, N, C]`` carrying the levels' user weights, unapplied (and
-        the pooled vector ``[B, P]`` when the file has a pooled head)."""
+        the pooled vector ``[B, P]`` when the file has a pooled head); float32, on the levels' device."""
         if levels.source and levels.source != self.fingerprint:
             raise WiringError(
                 f"these audio levels were made by another CLAP2Diffusion file (fingerprint {levels.source}) "
@@ -173,26 +195,28 @@ class CLAP2DiffusionModel(nn.Module):
             )
         flat = [levels.tokens, levels.assignment, levels.level_weights]
         first, inverse = distinct_rows(torch.cat([t.reshape(t.shape[0], -1) for t in flat], dim=1))
-        rows = levels  # each distinct row once (see distinct_rows), then one row per input row
-        if first is not None:
-            rows = replace(
-                levels,
-                tokens=levels.tokens[first],
-                assignment=levels.assignment[first],
-                level_weights=levels.level_weights[first],
-            )
+        # Each distinct row once (see distinct_rows), in the compute dtype, then one row per input row.
+        kept = (lambda t: t) if first is None else (lambda t: t[first.to(t.device)])
+        here = {"device": self.device, "dtype": self.dtype}
+        rows = replace(
+            levels,
+            tokens=kept(levels.tokens).to(**here),
+            assignment=kept(levels.assignment).to(**here),
+            level_weights=kept(levels.level_weights).to(**here),
+        )
         tokens = self.projector(rows)
         pooled = None if self.pooled_head is None else self.pooled_head(rows)
         if first is not None:
-            tokens = tokens[inverse]
-            pooled = None if pooled is None else pooled[inverse]
+            tokens = tokens[inverse.to(tokens.device)]
+            pooled = None if pooled is None else pooled[inverse.to(pooled.device)]
+        back = {"device": levels.tokens.device, "dtype": torch.float32}
         return AudioTokens(
-            tokens=tokens,
-            token_levels=self.projector.token_levels.clone(),
+            tokens=tokens.to(**back),
+            token_levels=self.projector.token_levels.clone().to(levels.tokens.device),
             level_scale=levels.level_scale.clone(),
             source=self.fingerprint,
             source_name=self.name,
-            pooled=pooled,
+            pooled=None if pooled is None else pooled.to(**back),
         )
 
     def check_tokens(self, tokens: AudioTokens, what: str = "this node") -> None:

@@ -9,6 +9,7 @@ SD1.5 files have none (their config has no ``pooled`` entry, their weights no ``
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +38,21 @@ class PooledHead(nn.Module):
     Reads all ``K`` decomposer tokens (flattened, ``[B, K * D]``) and the adaptive level weights
     ``[B, 3]`` through a two-layer MLP, the way the text encoder's pooled vector summarises the whole
     caption. About 0.8M parameters with the defaults.
+
+    ``operations``, ``dtype``, ``device``: as for :class:`~.projector.AudioProjector`.
     """
 
-    def __init__(self, config: PooledHeadConfig) -> None:
+    def __init__(self, config: PooledHeadConfig, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, operations: Any = nn) -> None:
         super().__init__()
         self.config = config
         width = config.num_tokens * config.token_dim + 3
-        self.norm = nn.LayerNorm(width)
+        kw = {"dtype": dtype, "device": device}
+        self.norm = operations.LayerNorm(width, **kw)
         self.mlp = nn.Sequential(
-            nn.Linear(width, config.hidden_dim),
+            operations.Linear(width, config.hidden_dim, **kw),
             nn.GELU(),
-            nn.Linear(config.hidden_dim, config.pooled_dim),
+            operations.Linear(config.hidden_dim, config.pooled_dim, **kw),
         )
 
     def forward(self, levels: AudioLevels) -> torch.Tensor:

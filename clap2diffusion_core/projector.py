@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,11 @@ class ProjectorConfig(ModuleConfig):
     level_prior: tuple[float, ...] = LEVEL_PRIOR
 
 
+def cast_like(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``param`` in ``x``'s dtype and on its device (a no-op when they match, as in training)."""
+    return param.to(device=x.device, dtype=x.dtype)
+
+
 def rescale_to_norm(tokens: torch.Tensor, norm_target: float) -> torch.Tensor:
     """Scale each sample of ``tokens [B, N, C]`` so its mean token norm is ``norm_target``."""
     mean_norm = tokens.norm(dim=-1).mean(dim=1, keepdim=True).clamp_min(1e-6)
@@ -36,22 +42,24 @@ def rescale_to_norm(tokens: torch.Tensor, norm_target: float) -> torch.Tensor:
 class CrossAttentionBlock(nn.Module):
     """Pre-norm cross-attention from the output queries to the audio tokens, then a feed-forward."""
 
-    def __init__(self, width: int, num_heads: int, ff_mult: int) -> None:
+    def __init__(self, width: int, num_heads: int, ff_mult: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, operations: Any = nn) -> None:
         super().__init__()
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.norm_q = nn.LayerNorm(width)
-        self.norm_kv = nn.LayerNorm(width)
-        self.to_q = nn.Linear(width, width)
-        self.to_k = nn.Linear(width, width)
-        self.to_v = nn.Linear(width, width)
-        self.to_out = nn.Linear(width, width)
-        self.norm_ff = nn.LayerNorm(width)
+        ops, kw = operations, {"dtype": dtype, "device": device}
+        self.norm_q = ops.LayerNorm(width, **kw)
+        self.norm_kv = ops.LayerNorm(width, **kw)
+        self.to_q = ops.Linear(width, width, **kw)
+        self.to_k = ops.Linear(width, width, **kw)
+        self.to_v = ops.Linear(width, width, **kw)
+        self.to_out = ops.Linear(width, width, **kw)
+        self.norm_ff = ops.LayerNorm(width, **kw)
         self.ff = nn.Sequential(
-            nn.Linear(width, width * ff_mult),
+            ops.Linear(width, width * ff_mult, **kw),
             nn.GELU(),
-            nn.Linear(width * ff_mult, width),
+            ops.Linear(width * ff_mult, width, **kw),
         )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,23 +88,29 @@ class AudioProjector(nn.Module):
     weights set the levels' relative norms before the rescale. The user's level weights are not
     applied here: the tokens carry them to the injection (``AudioTokens.level_scale``).
     About 2.2M parameters with the defaults.
+
+    ``operations`` builds the layers (``Linear``, ``LayerNorm``): ``torch.nn`` for training, one of
+    ComfyUI's ``comfy.ops`` classes in ComfyUI (no random init at load, weights cast per call when
+    offloaded); ``dtype``/``device`` are the weights'. ``forward`` computes in its input's dtype.
     """
 
     token_levels: torch.Tensor
 
-    def __init__(self, config: ProjectorConfig) -> None:
+    def __init__(self, config: ProjectorConfig, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, operations: Any = nn) -> None:
         super().__init__()
         self.config = config
         w = config.width
-        self.in_proj = nn.Linear(config.token_dim, w)
-        self.level_embed = nn.Parameter(torch.randn(NUM_LEVELS, w) * 0.02)
-        self.queries = nn.Parameter(torch.randn(config.num_tokens, w) * 0.02)
+        kw = {"dtype": dtype, "device": device}
+        self.in_proj = operations.Linear(config.token_dim, w, **kw)
+        self.level_embed = nn.Parameter(torch.randn(NUM_LEVELS, w, **kw) * 0.02)
+        self.queries = nn.Parameter(torch.randn(config.num_tokens, w, **kw) * 0.02)
         self.layers = nn.ModuleList(
-            CrossAttentionBlock(w, config.num_heads, config.ff_mult)
+            CrossAttentionBlock(w, config.num_heads, config.ff_mult, operations=operations, **kw)
             for _ in range(config.num_layers)
         )
-        self.out_norm = nn.LayerNorm(w)
-        self.out_proj = nn.Linear(w, config.context_dim)
+        self.out_norm = operations.LayerNorm(w, **kw)
+        self.out_proj = operations.Linear(w, config.context_dim, **kw)
         counts = split_by_prior(config.num_tokens, config.level_prior)
         levels = torch.cat(
             [torch.full((n,), i, dtype=torch.long) for i, n in enumerate(counts)]
@@ -110,19 +124,22 @@ class AudioProjector(nn.Module):
                 f"expected tokens [B, K, {self.config.token_dim}], got {tuple(levels.tokens.shape)}"
             )
         b = levels.tokens.shape[0]
-        context = self.in_proj(levels.tokens) + levels.assignment @ self.level_embed
-        queries = (self.queries + self.level_embed[self.token_levels]).expand(b, -1, -1)
+        # The bare parameters follow the input (a partly offloaded model keeps them where they were).
+        level_embed = cast_like(self.level_embed, levels.tokens)
+        context = self.in_proj(levels.tokens) + levels.assignment @ level_embed
+        token_levels = self.token_levels.to(levels.tokens.device)
+        queries = (cast_like(self.queries, levels.tokens) + level_embed[token_levels]).expand(b, -1, -1)
         # [B, K, 3] -> [B, 1, N, K]: each query sees the tokens through its own level's assignment.
         bias = (
             levels.assignment.clamp_min(1e-6)
             .log()
-            .transpose(1, 2)[:, self.token_levels]
+            .transpose(1, 2)[:, token_levels]
             .unsqueeze(1)
         )
         for layer in self.layers:
             queries = layer(queries, context, bias)
         tokens = self.out_proj(self.out_norm(queries))
         tokens = tokens * (
-            levels.level_weights[:, self.token_levels] * NUM_LEVELS
+            levels.level_weights[:, token_levels] * NUM_LEVELS
         ).unsqueeze(-1)
         return rescale_to_norm(tokens, self.config.norm_target)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import folder_paths
 import torch
 
-from ..clap2diffusion_core.checkpoint import load_checkpoint
 from ..clap2diffusion_core.errors import WiringError
 from ..clap2diffusion_core.model import CLAP2DiffusionModel
 from ..clap2diffusion_core.preview import render_levels
 from ..clap2diffusion_core.types import AudioLevels
 from . import types
 from .api import io, ui
+from .managed import load_managed, on_device
 from .paths import resolve_model_file, validation_message
 
 
@@ -49,10 +49,9 @@ class Clap2DiffusionLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, clap2diffusion_name: str) -> io.NodeOutput:
-        path = resolve_clap2diffusion(clap2diffusion_name)
-        # The decomposer and projector are small (about 2.5M parameters) and run once per sound: keep
-        # them on the CPU. Stage 2/3 adapters are moved with the UNet by the model patch.
-        return io.NodeOutput(load_checkpoint(path, device="cpu"))
+        # Stored in the dtype model management picks and loaded to the compute device when a node uses
+        # it (nodes/managed.py); Apply Audio to Model keeps the adapters' keys/values with the UNet.
+        return io.NodeOutput(load_managed(resolve_clap2diffusion(clap2diffusion_name)))
 
     @classmethod
     def validate_inputs(cls, clap2diffusion_name: str) -> bool | str:
@@ -109,7 +108,7 @@ class HierarchicalDecompose(io.ComfyNode):
         ambience: float,
         temperature: float = 0.0,
     ) -> io.NodeOutput:
-        levels = clap2diffusion.encode(clap_embeds, temperature=temperature or None)
+        levels = on_device(clap2diffusion).encode(clap_embeds, temperature=temperature or None)
         levels = levels.with_level_scale(foreground, background, ambience)
         preview = ui.PreviewImage(render_levels(levels), cls=cls)
         return io.NodeOutput(levels, ui=preview)
@@ -156,7 +155,7 @@ class AudioProject(io.ComfyNode):
     def execute(cls, audio_levels: AudioLevels, clap2diffusion: CLAP2DiffusionModel | None = None) -> io.NodeOutput:
         if clap2diffusion is None:
             raise missing_model_input("Audio Project", "Hierarchical Decompose")
-        return io.NodeOutput(clap2diffusion.project(audio_levels))
+        return io.NodeOutput(on_device(clap2diffusion).project(audio_levels))
 
 
 NODES = [Clap2DiffusionLoader, HierarchicalDecompose, AudioProject]

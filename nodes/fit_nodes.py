@@ -12,7 +12,6 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..clap2diffusion_core.checkpoint import load_checkpoint
 from ..clap2diffusion_core.errors import TextEncoderError
 from ..clap2diffusion_core.training.captions import (
     DEFAULT_CORPUS_SIZE,
@@ -32,6 +31,7 @@ from ..clap2diffusion_core.training.textfit import (
 from . import types
 from .api import io
 from .clap_nodes import ClapModelHandle
+from .managed import load_managed
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class FitAudioProjectorFromText(io.ComfyNode):
         name = f"{provenance.file_stem(family)}.safetensors"
         existing = folder_paths.get_full_path("clap2diffusion", name)
         if existing is not None:
-            model = load_checkpoint(existing, device="cpu")
+            model = load_managed(existing)
             log.info("Fit Audio Projector (from text): reused %s (%.2f s)", name, time.perf_counter() - start)
             return io.NodeOutput(model)
 
@@ -204,7 +204,7 @@ class FitAudioProjectorFromText(io.ComfyNode):
         save_text_fit(model, path, provenance)
         log.info("Fit Audio Projector (from text): fitted %d captions, %d steps -> %s (%.1f s)",
                  len(captions), steps, path, time.perf_counter() - start)
-        return io.NodeOutput(load_checkpoint(path, device="cpu"))
+        return io.NodeOutput(load_managed(path))
 
 
 NODES: list[type[io.ComfyNode]] = [FitAudioProjectorFromText]

@@ -60,6 +60,7 @@ from ..clap2diffusion_core.audio_attention import COND, AudioKV, add_audio, fram
 from ..clap2diffusion_core.errors import AudioNotReachedError, CheckpointError, ModelMismatchError
 from ..clap2diffusion_core.model import CLAP2DiffusionModel
 from ..clap2diffusion_core.types import AudioTokens
+from .managed import on_device
 
 log = logging.getLogger(__name__)
 
@@ -442,11 +443,12 @@ def apply_audio_to_model(
         )
     adapter = check_audio_fits(model, clap2diffusion, audio)
     with torch.no_grad():
-        silence = clap2diffusion.silence_tokens()
+        silence = on_device(clap2diffusion).silence_tokens()
     kv = AudioKV(
         adapter, audio.tokens, silence, audio.token_levels,
         strength=strength, level_weights=audio.level_scale.tolist(),
         dtype=compute_dtype(model), device=model.offload_device,
+        compute_dtype=clap2diffusion.dtype,
     )  # fmt: skip
     if not len(kv):
         return model

@@ -33,7 +33,7 @@ from PIL import Image
 
 from tools import test_models as tm
 from tools.comfy_server import ComfyClient, ComfyServer, ExecutionFailed
-from tools.run_workflow import QUICK_STEPS, ui_to_api
+from tools.run_workflow import FRAME_NODES, QUICK_FRAMES, QUICK_STEPS, ui_to_api
 
 pytestmark = pytest.mark.slow
 
@@ -168,6 +168,8 @@ def values_for_test_models(workflow: dict[str, Any], object_info: dict[str, Any]
             values.append((node_id, "steps", STEPS))
         elif kind == "C2D_FitAudioProjectorFromText":  # the fit's plumbing, not a full fit on a CPU
             values += [(node_id, "corpus_size", 16), (node_id, "steps", 10)]
+        elif kind in FRAME_NODES:  # a few frames (latents), not the whole sound's
+            values.append((node_id, "frames", QUICK_FRAMES))
     return values
 
 

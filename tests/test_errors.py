@@ -24,6 +24,6 @@ def test_each_error_is_the_one_class_of_errors_py_under_the_common_base(module, 
 def test_a_model_that_is_not_a_unet_is_a_model_mismatch_not_a_bad_checkpoint():
     patch = comfy_pack.load("nodes.model_patch")
     pack_errors = comfy_pack.load("clap2diffusion_core.errors")
-    with pytest.raises(pack_errors.ModelMismatchError, match="needs an SD1.5- or SDXL-family UNet; this MODEL is Linear") as err:
-        patch.unet_layout(torch.nn.Linear(2, 2), {})
+    with pytest.raises(pack_errors.ModelMismatchError, match="needs an SD1.5- or SDXL-family UNet; this MODEL is Identity") as err:
+        patch.unet_layout(torch.nn.Identity(), {})
     assert not isinstance(err.value, pack_errors.CheckpointError)

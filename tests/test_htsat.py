@@ -3,8 +3,11 @@ stages a few clips at a time on the CPU (issue 16: the faster encode at the same
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import ClapAudioConfig, ClapAudioModel
 
 from clap2diffusion_core import htsat
@@ -84,10 +87,67 @@ def test_wide_stages_run_two_clips_at_a_time_and_narrow_stages_on_the_whole_batc
     assert (batch - alone).abs().max() < 1e-5
 
 
+def stage_batches(model: ClapAudioModel, mel: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict[int, list[int]]]:
+    """Our pooled features for ``mel`` and, per stage, the batch size each of its calls saw."""
+    seen: dict[int, list[int]] = {i: [] for i in range(len(model.audio_encoder.layers))}
+    hooks = [stage.blocks[0].layernorm_before.register_forward_hook(
+                 lambda _m, args, _out, i=i: seen[i].append(args[0].shape[0]))
+             for i, stage in enumerate(model.audio_encoder.layers)]  # fmt: skip
+    try:
+        with torch.inference_mode():
+            return htsat.pooled_audio_features(model, mel, **kwargs), seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_htsat_cuda_branch_runs_on_the_cpu_by_a_switch_and_equals_the_cpu_branch_within_1e_5(how, monkeypatch):
+    """The branch a GPU takes (F.linear, every stage on the whole batch) has no GPU to run on here:
+    ``branch="cuda"`` or CLAP2DIFFUSION_HTSAT_BRANCH=cuda runs it on the CPU. It must equal the CPU
+    branch (oneDNN linears, wide stages two clips at a time) and transformers, within 1e-5; the
+    batch sizes each stage saw prove which branch ran."""
+    model = audio_model()  # full-size HTSAT-tiny
+    mel = log_mel(3)
+    cpu, cpu_seen = stage_batches(model, mel)
+    if how == "argument":
+        cuda, cuda_seen = stage_batches(model, mel, branch="cuda")
+    else:
+        monkeypatch.setenv(htsat.BRANCH_ENV, "cuda")
+        cuda, cuda_seen = stage_batches(model, mel)
+    assert cpu_seen == {0: [2, 1], 1: [2, 1], 2: [3], 3: [3]}
+    assert cuda_seen == {0: [3], 1: [3], 2: [3], 3: [3]}
+    assert (cuda - cpu).abs().max() < 1e-5
+    assert (cuda - transformers_pooled(model, mel)).abs().max() < 1e-5
+    monkeypatch.setenv(htsat.BRANCH_ENV, "tpu")
+    with pytest.raises(ValueError, match="CLAP2DIFFUSION_HTSAT_BRANCH"):
+        htsat.pooled_audio_features(model, mel[:1])
+
+
+def test_the_cuda_branch_uses_f_linear_and_the_cpu_branch_onednn(monkeypatch):
+    """Which linear each branch calls: F.linear on the CUDA branch, a 1x1 convolution (oneDNN) on the CPU."""
+    calls: list[str] = []
+    conv2d, linear = F.conv2d, F.linear
+
+    def counted_conv2d(x, weight, *args, **kwargs):  # noqa: ANN001, ANN202
+        if tuple(weight.shape[-2:]) == (1, 1):  # a linear as a 1x1 kernel (not the patch embedding)
+            calls.append("conv2d")
+        return conv2d(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", counted_conv2d)
+    monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append("linear") or linear(*a, **k))
+    model = audio_model(**SHRUNK)
+    stage_batches(model, log_mel(1), branch="cuda")
+    assert calls and set(calls) == {"linear"}
+    calls.clear()
+    stage_batches(model, log_mel(1), branch="cpu")
+    assert calls and set(calls) == {"conv2d"}
+
+
 def test_linear_through_onednn_is_f_linear():
-    layer = torch.nn.Linear(96, 384)
+    layer = types.SimpleNamespace(weight=torch.randn(384, 96) / 10, bias=torch.randn(384))  # what _linear reads
     x = torch.randn(2, 64, 96)
-    assert (htsat._linear(x, layer) - layer(x)).abs().max() < 1e-5
+    assert (htsat._linear(x, layer) - F.linear(x, layer.weight, layer.bias)).abs().max() < 1e-5
     assert htsat._linear(x, layer).shape == (2, 64, 384)
 
 

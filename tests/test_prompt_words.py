@@ -262,11 +262,16 @@ def test_an_unwritable_cache_dir_costs_only_the_speed_up(tmp_path):
 
 
 def test_the_model_fingerprint_follows_the_text_tower_weights():
+    class Projection(torch.nn.Module):  # a weight is all the fingerprint reads
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
     class Tower(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.text_projection = torch.nn.Linear(4, 4)
-            self.audio_projection = torch.nn.Linear(4, 4)
+            self.text_projection = Projection()
+            self.audio_projection = Projection()
 
     class Encoder(torch.nn.Module):  # like clap.ClapEncoder: a module around the ClapModel
         def __init__(self) -> None:

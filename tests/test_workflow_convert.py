@@ -9,6 +9,7 @@ import pytest
 
 from tools.comfy_server import ComfyClient
 from tools.run_workflow import (
+    QUICK_FRAMES,
     WorkflowError,
     adapter_loaders,
     has_control_widget,
@@ -84,6 +85,20 @@ def test_random_models_get_small_latents_and_few_steps(object_info: dict) -> Non
     assert shrink_for_random_models(prompt) == []  # already small: unchanged
 
 
+def test_random_models_get_a_few_frames_not_the_whole_sound() -> None:
+    """A per-frame graph makes one latent per frame (and CLAP windows for them): 0 (the whole sound)
+    or many frames become QUICK_FRAMES on every frame node, so they still agree; fewer stay."""
+    prompt = {
+        "7": {"class_type": "C2D_ClapEncodeFrames", "inputs": {"fps": 8.0, "frames": 0}},
+        "10": {"class_type": "C2D_AudioEnergyCurves", "inputs": {"fps": 8.0, "frames": 64}},
+        "11": {"class_type": "C2D_ClapEncodeFrames", "inputs": {"fps": 8.0, "frames": 2}},
+    }
+    changes = shrink_for_random_models(prompt)
+    assert [prompt[n]["inputs"]["frames"] for n in ("7", "10", "11")] == [QUICK_FRAMES, QUICK_FRAMES, 2]
+    assert changes[0] == f"node 7 (C2D_ClapEncodeFrames) frames: 0 -> {QUICK_FRAMES} (random-weight models on CPU)"
+    assert len(changes) == 2
+
+
 def test_a_loader_feeding_apply_audio_to_model_gets_a_stage_2_or_3_file() -> None:
     info = {"C2D_Clap2DiffusionLoader": {"input": {"required": {"clap2diffusion_name": [
         "COMBO", {"options": ["a-stage1.safetensors", "b-stage3.safetensors"]}]}}}}
@@ -128,7 +143,7 @@ def test_example_workflows_run_on_the_real_server(comfy: ComfyClient, test_model
     names = [p.name for p in (test_models.sd15_checkpoint, test_models.clap_folder,
                               test_models.clap2diffusion, test_models.sounds["thunder.wav"]) if p]
     rewrite_files(prompt, info, names)  # a loader feeding Apply Audio to Model takes the stage 3 file
-    shrink_for_random_models(prompt)  # 256 px, 4 steps: as make demo runs the random models
+    shrink_for_random_models(prompt)  # 256 px, 4 steps, 4 frames: as make demo runs the random models
     assert comfy.run(prompt, timeout=600), f"{path.name} produced no image"
 
 

@@ -253,11 +253,17 @@ def rewrite_files(prompt: dict[str, dict[str, Any]], object_info: Mapping[str, A
 # What random-weight models on a CPU get instead of the workflow's 512 px / 20 steps: the image
 # only shows that the graph runs, and the tiny UNet's attention grows with the square of the pixels.
 QUICK_SIZE, QUICK_STEPS = 256, 4
+#: Frames per-frame nodes make for random models: each frame is a latent of the batch (and its CLAP
+#: windows), so a whole 8 s sound at 8 fps (64 latents) would take minutes on a CPU.
+QUICK_FRAMES = 4
+#: Nodes whose ``frames`` input sets the batch of frames (0: the whole sound); all of a graph's agree.
+FRAME_NODES = ("C2D_ClapEncodeFrames", "C2D_AudioEnergyCurves")
 
 
 def shrink_for_random_models(prompt: dict[str, dict[str, Any]], size: int = QUICK_SIZE,
-                             steps: int = QUICK_STEPS) -> list[str]:
-    """Cap latent sizes at ``size`` px and sampler steps at ``steps``; one line per change."""
+                             steps: int = QUICK_STEPS, frames: int = QUICK_FRAMES) -> list[str]:
+    """Cap latent sizes at ``size`` px, sampler steps at ``steps`` and per-frame nodes at ``frames``
+    frames (``frames`` 0, the whole sound, counts as more); one line per change."""
     changes = []
     for node_id, node in prompt.items():
         inputs, kind = node["inputs"], node["class_type"]
@@ -268,9 +274,12 @@ def shrink_for_random_models(prompt: dict[str, dict[str, Any]], size: int = QUIC
             caps = {"steps": steps}
         elif kind == "C2D_FitAudioProjectorFromText":  # a few captions and steps: the plumbing, not the fit
             caps = {"corpus_size": 16, "steps": 10}
+        elif kind in FRAME_NODES:
+            caps = {"frames": frames}
         for name, cap in caps.items():
             value = inputs.get(name)
-            if isinstance(value, int) and value > cap:
+            whole_sound = name == "frames" and value == 0  # 0 = every frame of the sound: more than any cap
+            if isinstance(value, int) and (value > cap or whole_sound):
                 inputs[name] = cap
                 changes.append(f"node {node_id} ({kind}) {name}: {value} -> {cap} (random-weight models on CPU)")
     return changes
