@@ -31,6 +31,7 @@ decoded with the checkpoint's VAE into ``<run>/distil/validation/step-<n>.png``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -128,6 +129,15 @@ def build_caption_set(captions: Sequence[str], clap_text: Callable[[list[str]], 
                       neutral.detach().float().cpu().clone(), train, held,
                       pooled=torch.cat(pooled) if pooled else None,
                       neutral_pooled=None if neutral_pooled is None else neutral_pooled.detach().float().cpu().clone())
+
+def final_model(model: CLAP2DiffusionModel, temperature: float) -> CLAP2DiffusionModel:
+    """A copy of ``model`` whose config carries the temperature training ended at, so the ComfyUI
+    nodes decompose at the temperature the weights were trained for."""
+    decomposer = dataclasses.replace(model.config.decomposer, temperature=float(temperature))
+    out = CLAP2DiffusionModel(dataclasses.replace(model.config, decomposer=decomposer))
+    out.load_state_dict(model.state_dict())
+    return out.eval()
+
 
 # ------------------------------------------------------------------------------------------------
 # the sampler's grid

@@ -11,8 +11,10 @@ CLAP) at 64 px, in a couple of minutes:
 Figures: ``distil_loss_first`` / ``distil_loss_last`` (the fixed training batch: same captions,
 states and timesteps), ``heldout_gain`` (:func:`.distil.heldout_gain`: on captions neither the
 text fit nor the distillation saw, the share of the text's effect on the noise prediction the audio
-reproduces), ``gate_abs_mean``, the validation grids' pixel differences, and ``ok`` when the loss
-falls, the gain is positive and the gates have opened.
+reproduces), ``heldout_specific_gain`` (:func:`.distil.heldout_specific_gain`: how much closer the
+student gets to caption i's teacher with caption i's audio than with another held-out caption's),
+``gate_abs_mean``, the validation grids' pixel differences, and ``ok`` when the loss falls, both
+gains are positive and the gates have opened.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import yaml
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .config import CONFIG_DIR, load_config, merge_trees
-from .distil import grid_difference, heldout_gain, split_corpus
+from .distil import grid_difference, heldout_gain, heldout_specific_gain, split_corpus
 from .trainer import train_stage
 
 #: The text fit's settings for the smoke: a small projector, a few dozen steps.
@@ -93,6 +95,8 @@ def run_distil_smoke(out_dir: str | os.PathLike, sd15: str, clap: str, *, overri
         "heldout_loss_first": round(result.heldout_losses[0][1]["distil"], 6),
         "heldout_loss_last": round(result.heldout_losses[-1][1]["distil"], 6),
         "heldout_gain": round(heldout_gain(result.heldout_losses), 4),
+        "heldout_specific_gain": round(heldout_specific_gain(result.heldout_losses), 4),
+        "heldout_swapped_loss_last": round(result.heldout_losses[-1][1]["distil_swapped"], 6),
         "heldout_captions": config.distil.heldout,
         "gate_abs_mean": round(float(gates.abs().mean()), 5),
         "steps": config.steps,
@@ -108,6 +112,7 @@ def run_distil_smoke(out_dir: str | os.PathLike, sd15: str, clap: str, *, overri
     figures["checks"] = {
         "loss_falls": last < first,
         "heldout_gain_positive": figures["heldout_gain"] > 0,
+        "heldout_specific_gain_positive": figures["heldout_specific_gain"] > 0,
         "gates_open": figures["gate_abs_mean"] > 1e-4,
     }
     figures["ok"] = all(figures["checks"].values())

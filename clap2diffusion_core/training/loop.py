@@ -152,4 +152,39 @@ def train_steps(
             on_step(state.step, sums, stats, t)
 
 
-__all__ = ["Backend", "PlainBackend", "Progress", "batch_stream", "cosine_with_warmup", "train_steps"]
+def fixed_batches(data: torch.utils.data.Dataset, rows: range, seed: int, batch_size: int,
+                  draw: Callable[..., dict[str, torch.Tensor]], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Evaluation batches with their randomness drawn once (``draw(batch, generator, evaluation=True)``
+    seeded by ``seed + first row``): the same examples, noise and timesteps at every evaluation."""
+    out = []
+    for start in range(rows.start, rows.stop, batch_size):
+        items = [data[i] for i in range(start, min(rows.stop, start + batch_size))]
+        batch = {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
+        batch.update(draw(batch, torch.Generator().manual_seed(seed + start), evaluation=True))
+        out.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+    return out
+
+
+@torch.no_grad()
+def evaluate_batches(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], temperature: float,
+                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                     ) -> dict[str, float]:
+    """The row-weighted mean of the loss and each term over ``batches``, in eval mode."""
+    was_training = module.training
+    module.eval()
+    sums, rows = {}, 0
+    try:
+        for batch in batches:
+            with autocast():
+                loss, terms, _ = module(batch, temperature)
+            n = next(iter(batch.values())).shape[0]
+            for k, v in ({"loss": loss} | terms).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            rows += n
+    finally:
+        module.train(was_training)
+    return {k: v / rows for k, v in sums.items()}
+
+
+__all__ = ["Backend", "PlainBackend", "Progress", "batch_stream", "cosine_with_warmup", "evaluate_batches", "fixed_batches",
+           "train_steps"]

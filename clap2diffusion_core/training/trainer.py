@@ -34,7 +34,7 @@ from ..checkpoint import STAGE_FILE_NAMES, save_checkpoint
 from ..levels import LEVELS
 from .config import StageConfig
 from .features import FeatureCache, FeatureDataset
-from .loop import Progress, batch_stream, train_steps
+from .loop import Progress, batch_stream, evaluate_batches, fixed_batches, train_steps
 from .sampling import StreamBatchSampler, step_generator
 from .schedules import build_lr_scheduler
 from .stages import StageModule, build_model, final_model, load_frozen_unet
@@ -228,19 +228,13 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
 
     # The same examples, noise and timesteps every time: a loss curve free of sampling noise. The
     # distillation also evaluates every held-out caption (in batches of eval_batch_size).
-    def fixed_batches(data, rows: range, seed: int) -> list[dict[str, torch.Tensor]]:
-        out = []
-        for start in range(rows.start, rows.stop, config.eval_batch_size):
-            items = [data[i] for i in range(start, min(rows.stop, start + config.eval_batch_size))]
-            batch = {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
-            batch.update(unwrapped.draw(batch, torch.Generator().manual_seed(seed + start), evaluation=True))
-            out.append(_to_device(batch, device))
-        return out
+    def fixed(data, rows: range, seed: int) -> list[dict[str, torch.Tensor]]:  # noqa: ANN001
+        return fixed_batches(data, rows, seed, config.eval_batch_size, unwrapped.draw, device)
 
-    fixed_sets = {"fixed_batch": fixed_batches(dataset, range(min(config.eval_batch_size, len(dataset))), config.seed)}
+    fixed_sets = {"fixed_batch": fixed(dataset, range(min(config.eval_batch_size, len(dataset))), config.seed)}
     if distil:
         heldout = captions.dataset(captions.heldout, derange=True)  # + the held-out specific gain's swap
-        fixed_sets["heldout"] = fixed_batches(heldout, range(len(heldout)), config.seed + 1)
+        fixed_sets["heldout"] = fixed(heldout, range(len(heldout)), config.seed + 1)
     decoder = None
     if distil and config.distil.grid_every > 0 and accelerator.is_main_process:
         from ..sdxl import SDXL_LATENT_SCALE
@@ -249,22 +243,13 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
         scale = SDXL_LATENT_SCALE if frozen.family == "sdxl" else SD15_LATENT_SCALE
         decoder = load_latent_decoder(config.sd15, scale).to(device)
 
-    @torch.no_grad()
     def evaluate(step: int) -> None:
-        unwrapped.eval()
         for name, batches in fixed_sets.items():
-            sums, rows = {}, 0
-            for batch in batches:
-                with accelerator.autocast():
-                    loss, terms, _ = unwrapped(batch, config.temperature(step))
-                n = next(iter(batch.values())).shape[0]
-                for k, v in ({"loss": loss} | terms).items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
-                rows += n
-            values = {k: v / rows for k, v in sums.items()}
+            values = evaluate_batches(unwrapped, batches, config.temperature(step), accelerator.autocast)
+            if values.get("distil_swapped", 0.0) > 0:  # the audio's caption-specific share (distil.py)
+                values["specific_gain"] = 1.0 - values["distil"] / values["distil_swapped"]
             (result.heldout_losses if name == "heldout" else result.fixed_losses).append((step, values))
             accelerator.log({f"eval/{name}_{k}": v for k, v in values.items()}, step=step)
-        unwrapped.train()
 
     def grid(step: int) -> None:
         from .distil import validation_grid
