@@ -168,6 +168,8 @@ def values_for_test_models(workflow: dict[str, Any], object_info: dict[str, Any]
             values.append((node_id, "steps", STEPS))
         elif kind == "C2D_FitAudioProjectorFromText":  # the fit's plumbing, not a full fit on a CPU
             values += [(node_id, "corpus_size", 16), (node_id, "steps", 10)]
+        elif kind == "C2D_DistilAudioAdapter":  # likewise: 2 steps at 64 px
+            values += [(node_id, w, v) for w, v in {"corpus_size": 16, "steps": 2, "batch_size": 2, "resolution": 64}.items()]
     return values
 
 

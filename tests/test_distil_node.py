@@ -157,3 +157,81 @@ def test_distil_node_wrong_family_is_named_before_the_first_step(folder: Path, c
         progress = [e for e in events.for_prompt(prompt_id) if e.type == "progress" and e.data.get("node") == DISTIL]
     assert err.value.node_id == DISTIL
     assert not progress, "the error must come before the first step"
+
+
+# ------------------------------------------------------------------------------------------------
+# one loop: the node's path (ComfyUI's UNet and CLIP, no accelerate) == the command line's
+
+
+def test_distil_node_path_and_the_cli_train_alike(tmp_path: Path, test_models) -> None:  # noqa: ANN001
+    """3 steps from the same text-fitted file, seed and settings: the command line (diffusers' UNet and
+    CLIP-L, accelerate) and the node's path (ComfyUI's loader, UNet and CLIP; ``run_local``) end within
+    1e-4 of each other, having moved far more than that. AdamW's eps is 1e-5 here, as in the two-process
+    test: parameters whose true gradient is 0 (the projector's attention key biases) get float noise
+    that Adam at 1e-8 would scale up to lr-sized steps; real gradients are still normalised."""
+    import comfy.sd
+    import comfy_pack
+
+    from clap2diffusion_core.clap import load_clap_tower
+    from clap2diffusion_core.training.config import load_config
+    from clap2diffusion_core.training.trainer import train_stage
+
+    pack = {m: comfy_pack.load(m) for m in ("nodes.distil_unet", "nodes.fit_nodes", "clap2diffusion_core.training.distil",
+                                            "clap2diffusion_core.training.distil_local",
+                                            "clap2diffusion_core.training.settings", "clap2diffusion_core.checkpoint",
+                                            "clap2diffusion_core.training.captions")}
+    sd15, clap, init = str(test_models.sd15_checkpoint), str(test_models.clap_folder), str(test_models.clap2diffusion)
+    tree = {"steps": 3, "seed": 0, "sd15": sd15, "init_from": init, "output_dir": str(tmp_path), "mixed_precision": "no",
+            "eval_every": 3, "eval_batch_size": 4, "checkpoint_every": 1000, "loss": {"audio_dropout": 0.25},
+            "data": {"batch_size": 4}, "optim": {"lr": 1e-3, "warmup_steps": 1, "eps": 1e-5},
+            "distil": {"clap": clap, "corpus_size": 24, "heldout": 4, "latent_size": 4, "sampler_steps": 4,
+                       "teacher_steps": 2, "pure_noise": 0.5, "grid_every": 0}}
+    cli = load_checkpoint(train_stage(load_config("distil", extra=tree), progress=False).file).state_dict()
+
+    config = pack["clap2diffusion_core.training.settings"].distil_config(tree)
+    model, clip = comfy.sd.load_checkpoint_guess_config(sd15, output_vae=False, output_clip=True)[:2]
+    captions = [c.text for c in pack["clap2diffusion_core.training.captions"].build_corpus(24, 0)]
+    text = load_clap_tower(clap, "text")
+    fit_nodes, distil_unet = pack["nodes.fit_nodes"], pack["nodes.distil_unet"]
+    caption_set = pack["clap2diffusion_core.training.distil"].build_caption_set(
+        captions, text.encode_text, lambda texts: (fit_nodes.sd15_states(clip, texts)[0], None), 4, 0)
+    local = pack["clap2diffusion_core.training.distil_local"]
+    start = local.start_model(pack["clap2diffusion_core.checkpoint"].load_checkpoint(init),
+                              distil_unet.adapter_config_of(model), distil_unet.text_kv_of(model))
+    initial = {k: v.clone() for k, v in start.state_dict().items()}
+    node = local.run_local(distil_unet.ComfyDistilUNet(model, start.adapter), caption_set, start, config).model.state_dict()
+    assert node.keys() == cli.keys()
+    worst = max(float((node[k] - cli[k]).abs().max()) for k in node)
+    moved = max(float((cli[k] - initial[k]).abs().max()) for k in cli)
+    assert moved > 1e-3, moved
+    assert worst <= 1e-4, f"node vs command line after 3 steps: largest difference {worst:.2e} (moved {moved:.2e})"
+
+
+def test_distil_node_sdxl_files_get_a_pooled_head_fitted_as_the_text_fit_fits_its_own() -> None:
+    """``refit_pooled_head`` (the node's and the command line's last step for SDXL files): a model with no
+    head gets one laid out as the text fit's (output norm = the captions' mean pooled norm), and the
+    text fit's pooled objective then brings each training caption's head output towards its own pooled
+    vector; an SD1.5 caption set (no pooled vectors) leaves the model as it was."""
+    import torch.nn.functional as F
+
+    from clap2diffusion_core.testing import random_model
+    from clap2diffusion_core.training.distil import CaptionSet, refit_pooled_head
+    from clap2diffusion_core.training.textfit import TextFitConfig, pooled_outputs
+
+    gen = torch.Generator().manual_seed(0)
+    m = 24
+    clap = F.normalize(torch.randn(m, 512, generator=gen), dim=-1)
+    pooled = 20 * F.normalize(torch.randn(m, 1280, generator=gen), dim=-1)
+    captions = CaptionSet([f"c{i}" for i in range(m)], clap, torch.zeros(m, 77, 2048).half(), torch.zeros(1, 77, 2048),
+                          list(range(20)), [20, 21, 22, 23], pooled=pooled, neutral_pooled=torch.zeros(1, 1280))
+    model = random_model(context_dim=2048, stage=1)
+    assert model.pooled_head is None
+    assert refit_pooled_head(model, CaptionSet(**{**captions.__dict__, "pooled": None}), 0.5) is model
+    fitted = refit_pooled_head(model, captions, 0.5, TextFitConfig(steps=60, warmup_steps=5, noise=0.0))
+    assert fitted.config.pooled is not None and fitted.config.pooled.norm_target == pytest.approx(20.0, rel=1e-4)
+    out = pooled_outputs(fitted, clap[:20])
+    assert out.norm(dim=-1).mean() == pytest.approx(20.0, rel=1e-3)
+    scores = F.normalize(out, dim=-1) @ F.normalize(pooled[:20], dim=-1).T
+    assert float((scores.argmax(dim=1) == torch.arange(20)).float().mean()) > 0.5  # its own caption's vector
+    for key, value in model.state_dict().items():  # nothing but the head moved
+        assert torch.equal(fitted.state_dict()[key], value), key

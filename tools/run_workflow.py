@@ -268,6 +268,8 @@ def shrink_for_random_models(prompt: dict[str, dict[str, Any]], size: int = QUIC
             caps = {"steps": steps}
         elif kind == "C2D_FitAudioProjectorFromText":  # a few captions and steps: the plumbing, not the fit
             caps = {"corpus_size": 16, "steps": 10}
+        elif kind == "C2D_DistilAudioAdapter":  # likewise: the plumbing, not a distillation
+            caps = {"corpus_size": 16, "steps": 2, "batch_size": 2, "resolution": 64}
         for name, cap in caps.items():
             value = inputs.get(name)
             if isinstance(value, int) and value > cap:

@@ -38,7 +38,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ from torch import nn
 from ..model import CLAP2DiffusionModel
 from . import losses
 from .settings import StageConfig
+
+if TYPE_CHECKING:
+    from .textfit import TextFitConfig
 
 #: Captions -> ``(states [n, 77, C], pooled [n, P] or None)``: the teacher's text conditioning.
 TextStates = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]
@@ -137,6 +140,65 @@ def final_model(model: CLAP2DiffusionModel, temperature: float) -> CLAP2Diffusio
     out = CLAP2DiffusionModel(dataclasses.replace(model.config, decomposer=decomposer))
     out.load_state_dict(model.state_dict())
     return out.eval()
+
+
+def refit_pooled_head(model: CLAP2DiffusionModel, captions: CaptionSet, temperature: float,
+                      fit: TextFitConfig | None = None, device: torch.device | str = "cpu") -> CLAP2DiffusionModel:
+    """SDXL files: fit ``model``'s pooled head again on the training captions, as the text fit fits its
+    own (its objective, :func:`.textfit.stage1_loss`'s pooled term; its gap bridging, batches, rate and
+    steps), with everything else frozen: the distillation moved the decomposer the head reads, so the
+    text fit's head no longer matches it. A model without a head (a distillation started from no file)
+    gets a new one first, laid out as the text fit lays out its own. Returns the model (``model``
+    itself, trained in place, when it had a head; SD1.5: ``model`` untouched).
+
+    ``stage1_loss`` also scores the tokens; with only the head trainable that term adds no gradient
+    (its targets are the captions' token means), so the head gets exactly the text fit's pooled objective."""
+    from .loop import cosine_with_warmup
+    from .sampling import StreamBatchSampler, step_generator
+    from .textfit import TextFitConfig, bridge_noise, stage1_loss
+
+    if captions.pooled is None:
+        return model
+    fit = fit or TextFitConfig()
+    if model.pooled_head is None:
+        from ..pooled_head import PooledHeadConfig
+
+        d = model.config.decomposer
+        head = PooledHeadConfig(pooled_dim=captions.pooled.shape[-1], token_dim=d.token_dim, num_tokens=d.num_tokens,
+                                norm_target=float(captions.pooled.float().norm(dim=-1).mean()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(fit.seed)
+            grown = CLAP2DiffusionModel(dataclasses.replace(model.config, pooled=head))
+        grown.load_state_dict(model.state_dict(), strict=False)
+        model = grown.to(next(model.parameters()).device)
+    rows = torch.tensor(captions.train)
+    clap_all = captions.clap[rows].float()
+    tokens_all = captions.text[rows].float().mean(dim=1)  # [M, C] (no gradient reaches the head from it)
+    pooled_all = captions.pooled[rows].float()
+    with torch.inference_mode(False), torch.enable_grad():
+        was = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+        head = model.pooled_head.requires_grad_(True)
+        params = list(head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=fit.lr, weight_decay=fit.weight_decay)
+        scheduler = cosine_with_warmup(optimizer, fit.warmup_steps, fit.steps)
+        batches = iter(StreamBatchSampler(len(rows), min(fit.batch_size, len(rows)), fit.seed))
+        model.train()
+        try:
+            for step in range(fit.steps):
+                index = torch.tensor(next(batches))
+                clap = bridge_noise(clap_all[index], fit.noise, step_generator(fit.seed, step, 0, 0))
+                loss = stage1_loss(model, clap.to(device), tokens_all[index].to(device), index.to(device),
+                                   temperature, fit, pooled_all[index].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+        finally:
+            for name, p in model.named_parameters():
+                p.requires_grad_(was[name])
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------

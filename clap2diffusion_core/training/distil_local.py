@@ -24,7 +24,7 @@ import torch
 from ..adapters import AdapterConfig, AdapterLayer
 from ..errors import CheckpointError
 from ..model import CLAP2DiffusionModel
-from .distil import CaptionSet, DistilModule, DistilUNet, final_model, grid_pixels
+from .distil import CaptionSet, DistilModule, DistilUNet, final_model, grid_pixels, refit_pooled_head
 from .loop import (
     PlainBackend,
     Progress,
@@ -121,8 +121,9 @@ def run_local(
 ) -> LocalResult:
     """Distil ``config.steps`` steps (see the module docstring). ``model`` from :func:`start_model`.
 
-    ``before_step(step)`` runs before every step (raise to stop: the state as of that step is saved
-    to ``resume_file`` first, then the exception goes on); ``on_step(step, total, loss)`` after it;
+    ``before_step(step)`` runs before every step and ``on_step(step, total, loss)`` after it: either may
+    raise to stop (Cancel), and then the state as of the last whole step is saved to ``resume_file``
+    before the exception goes on;
     every ``preview_every`` steps (and at the end) ``on_preview(step, image [3, H, W] in [0, 1])``,
     the validation grid decoded by ``decoder``.
     """
@@ -163,7 +164,12 @@ def _run(unet, captions, model, config, device, resume_file, checkpoint_every, b
         if decoder is not None and on_preview is not None:
             on_preview(step, grid_pixels(module, captions, decoder, config.temperature(step)))
 
+    # Whether the model, optimizer and scheduler hold a whole step (so the state may be saved): from
+    # the end of one step (its callbacks, which may raise too) to the start of the next one's work.
+    at_boundary = [False]
+
     def after_step(step: int, sums: dict[str, torch.Tensor], stats: dict, temperature: float) -> None:  # noqa: ARG001
+        at_boundary[0] = True
         loss = float(sums["loss"])
         result.losses.append((step, loss))
         if on_step is not None:
@@ -172,8 +178,6 @@ def _run(unet, captions, model, config, device, resume_file, checkpoint_every, b
             save_resume(resume_file, state, module, optimizer, lr_scheduler, heldout)
         if preview_every and step % preview_every == 0 and step < config.steps:
             preview(step)
-
-    at_boundary = [False]
 
     def guarded(step: int) -> None:
         at_boundary[0] = True
@@ -200,6 +204,8 @@ def _run(unet, captions, model, config, device, resume_file, checkpoint_every, b
     if preview_every or on_preview is not None:
         preview(config.steps)
     result.model = final_model(module.model, config.temperature(config.steps))
+    # SDXL files: a pooled head fitted to the distilled decomposer, for Apply Audio to Conditioning.
+    result.model = refit_pooled_head(result.model, captions, config.temperature(config.steps), device=device)
     return result
 
 

@@ -296,7 +296,12 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
     bar.close()
 
     if state.step >= config.steps and accelerator.is_main_process:
-        save_checkpoint(final_model(unwrapped.model, config.temperature(config.steps)), result.file)
+        final = final_model(unwrapped.model, config.temperature(config.steps))
+        if distil:  # SDXL files: the pooled head fitted again to the distilled decomposer (distil.py)
+            from .distil import refit_pooled_head
+
+            final = refit_pooled_head(final.to(device), captions, config.temperature(config.steps), device=device)
+        save_checkpoint(final, result.file)
         accelerator.print(f"{config.name}: wrote {result.file}")
     accelerator.wait_for_everyone()
     # Not end_training(): it also destroys the process group, which the next stage still needs.
