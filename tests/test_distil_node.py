@@ -123,8 +123,8 @@ def test_distil_node_cancel_then_requeue_resumes_to_the_uninterrupted_weights(
         prompt_id = comfy.queue(prompt)
         deadline = time.monotonic() + 300
         while True:
-            progress = [e.data["value"] for e in events.for_prompt(prompt_id)
-                        if e.type == "progress" and e.data.get("node") == DISTIL]
+            progress = [e.data["value"] for e in events.for_prompt(prompt_id)  # the steps' bar, not a preview's
+                        if e.type == "progress" and e.data.get("node") == DISTIL and e.data.get("max") == STEPS]
             if progress and max(progress) >= 3:
                 break
             assert comfy.history(prompt_id) is None, "finished before the interrupt"
@@ -235,3 +235,12 @@ def test_distil_node_sdxl_files_get_a_pooled_head_fitted_as_the_text_fit_fits_it
     assert float((scores.argmax(dim=1) == torch.arange(20)).float().mean()) > 0.5  # its own caption's vector
     for key, value in model.state_dict().items():  # nothing but the head moved
         assert torch.equal(fitted.state_dict()[key], value), key
+
+
+def test_distil_node_settings_are_the_shipped_distil_yaml() -> None:
+    """The node builds its config in code (no YAML in the lean install): the same as configs/distil.yaml."""
+    from clap2diffusion_core.training.config import load_config
+    from clap2diffusion_core.training.settings import distil_config
+
+    overrides = {"sd15": "x.safetensors", "distil": {"clap": "c"}}
+    assert distil_config(overrides) == load_config("distil", extra=overrides)

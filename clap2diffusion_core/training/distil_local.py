@@ -185,12 +185,13 @@ def _run(unet, captions, model, config, device, resume_file, checkpoint_every, b
             before_step(step)
         at_boundary[0] = False
 
-    if state.step == 0 and preview_every:
-        preview(0)
     accumulation = o.gradient_accumulation_steps
     batches = batch_stream(captions.dataset(captions.train), config.data.batch_size, config.seed,
                            start=state.step * accumulation)
     try:
+        if state.step == 0 and preview_every:
+            at_boundary[0] = True
+            preview(0)
         train_steps(module, module, batches, optimizer, lr_scheduler, state, config.steps, seed=config.seed,
                     accumulation=accumulation, max_grad_norm=o.max_grad_norm, temperature=config.temperature,
                     backend=PlainBackend(accumulation), device=device, on_step=after_step, before_step=guarded)
