@@ -22,9 +22,9 @@ from clap2diffusion_core.checkpoint import load_checkpoint
 from clap2diffusion_core.testing import random_checkpoint
 from tools.comfy_server import ComfyClient, EventStream, ExecutionFailed, Graph, uncached
 
-STEPS = 12
+STEPS = 24  # enough that an interrupt sent at step 2 lands before the last one on a loaded CPU
 SETTINGS = {"steps": STEPS, "batch_size": 2, "learning_rate": 1e-3, "resolution": 64, "seed": 3, "corpus_size": 16,
-            "preview_every": 6, "extra_captions": ""}
+            "preview_every": 0, "extra_captions": ""}
 DISTIL = "distil"  # the node's id in the graphs below
 
 
@@ -125,7 +125,7 @@ def test_distil_node_cancel_then_requeue_resumes_to_the_uninterrupted_weights(
         while True:
             progress = [e.data["value"] for e in events.for_prompt(prompt_id)  # the steps' bar, not a preview's
                         if e.type == "progress" and e.data.get("node") == DISTIL and e.data.get("max") == STEPS]
-            if progress and max(progress) >= 3:
+            if progress and max(progress) >= 2:
                 break
             assert comfy.history(prompt_id) is None, "finished before the interrupt"
             assert time.monotonic() < deadline, "no progress"
@@ -136,7 +136,7 @@ def test_distil_node_cancel_then_requeue_resumes_to_the_uninterrupted_weights(
     assert err.value.interrupted, err.value
     resume, = folder.glob("distil-sd15-*.resume")
     stopped_at = torch.load(resume, weights_only=True)["step"]
-    assert 3 <= stopped_at < STEPS, stopped_at
+    assert 2 <= stopped_at < STEPS, stopped_at
     assert distilled_files(folder) == []
     comfy.wait(comfy.queue(uncached(prompt)), timeout=600)
     resumed, = distilled_files(folder)

@@ -195,15 +195,17 @@ def _run(unet, captions, model, config, device, resume_file, checkpoint_every, b
         train_steps(module, module, batches, optimizer, lr_scheduler, state, config.steps, seed=config.seed,
                     accumulation=accumulation, max_grad_norm=o.max_grad_norm, temperature=config.temperature,
                     backend=PlainBackend(accumulation), device=device, on_step=after_step, before_step=guarded)
+        at_boundary[0] = True  # the last evaluation and preview: stopped there, a new run only redoes them
+        final = evaluate_batches(module, heldout_batches, config.temperature(config.steps))
+        if preview_every or on_preview is not None:
+            preview(config.steps)
     except BaseException:
         if at_boundary[0] and resume_file is not None and state.step > resumed_from:
             save_resume(resume_file, state, module, optimizer, lr_scheduler, heldout)
             log.info("distillation: stopped at step %d of %d; queue it again to resume (%s)",
                      state.step, config.steps, resume_file)
         raise
-    heldout.append((config.steps, evaluate_batches(module, heldout_batches, config.temperature(config.steps))))
-    if preview_every or on_preview is not None:
-        preview(config.steps)
+    heldout.append((config.steps, final))
     result.model = final_model(module.model, config.temperature(config.steps))
     # SDXL files: a pooled head fitted to the distilled decomposer, for Apply Audio to Conditioning.
     result.model = refit_pooled_head(result.model, captions, config.temperature(config.steps), device=device)
