@@ -121,9 +121,9 @@ def run_local(
 ) -> LocalResult:
     """Distil ``config.steps`` steps (see the module docstring). ``model`` from :func:`start_model`.
 
-    ``before_step(step)`` runs before every step and ``on_step(step, total, loss)`` after it: either may
-    raise to stop (Cancel), and then the state as of the last whole step is saved to ``resume_file``
-    before the exception goes on;
+    ``before_step(step)`` runs before every step and ``on_step(step, total, loss)`` after it. Whatever
+    raises to stop the run (Cancel: ComfyUI raises inside its UNet's layers too), the state as of the
+    last whole step is saved to ``resume_file`` before the exception goes on;
     every ``preview_every`` steps (and at the end) ``on_preview(step, image [3, H, W] in [0, 1])``,
     the validation grid decoded by ``decoder``.
     """
@@ -164,12 +164,14 @@ def _run(unet, captions, model, config, device, resume_file, checkpoint_every, b
         if decoder is not None and on_preview is not None:
             on_preview(step, grid_pixels(module, captions, decoder, config.temperature(step)))
 
-    # Whether the model, optimizer and scheduler hold a whole step (so the state may be saved): from
-    # the end of one step (its callbacks, which may raise too) to the start of the next one's work.
-    at_boundary = [False]
+    # A stop may come from anywhere (ComfyUI checks for Cancel inside every layer of its UNet): the
+    # weights and the optimizer still hold the last whole step unless it came while the optimizer
+    # was writing them, which nothing of ComfyUI's interrupts (only these hooks say so).
+    updating = [False]
+    optimizer.register_step_pre_hook(lambda *_: updating.__setitem__(0, True))
+    optimizer.register_step_post_hook(lambda *_: updating.__setitem__(0, False))
 
     def after_step(step: int, sums: dict[str, torch.Tensor], stats: dict, temperature: float) -> None:  # noqa: ARG001
-        at_boundary[0] = True
         loss = float(sums["loss"])
         result.losses.append((step, loss))
         if on_step is not None:
@@ -179,28 +181,21 @@ def _run(unet, captions, model, config, device, resume_file, checkpoint_every, b
         if preview_every and step % preview_every == 0 and step < config.steps:
             preview(step)
 
-    def guarded(step: int) -> None:
-        at_boundary[0] = True
-        if before_step is not None:
-            before_step(step)
-        at_boundary[0] = False
-
     accumulation = o.gradient_accumulation_steps
     batches = batch_stream(captions.dataset(captions.train), config.data.batch_size, config.seed,
                            start=state.step * accumulation)
     try:
         if state.step == 0 and preview_every:
-            at_boundary[0] = True
             preview(0)
         train_steps(module, module, batches, optimizer, lr_scheduler, state, config.steps, seed=config.seed,
                     accumulation=accumulation, max_grad_norm=o.max_grad_norm, temperature=config.temperature,
-                    backend=PlainBackend(accumulation), device=device, on_step=after_step, before_step=guarded)
-        at_boundary[0] = True  # the last evaluation and preview: stopped there, a new run only redoes them
+                    backend=PlainBackend(accumulation), device=device, on_step=after_step, before_step=before_step)
+        # The last evaluation and preview: stopped there, a new run only redoes them.
         final = evaluate_batches(module, heldout_batches, config.temperature(config.steps))
         if preview_every or on_preview is not None:
             preview(config.steps)
     except BaseException:
-        if at_boundary[0] and resume_file is not None and state.step > resumed_from:
+        if not updating[0] and resume_file is not None and state.step > resumed_from:
             save_resume(resume_file, state, module, optimizer, lr_scheduler, heldout)
             log.info("distillation: stopped at step %d of %d; queue it again to resume (%s)",
                      state.step, config.steps, resume_file)
