@@ -169,7 +169,6 @@ def test_distil_node_path_and_the_cli_train_alike(tmp_path: Path, test_models) -
     1e-4 of each other, having moved far more than that. AdamW's eps is 1e-5 here, as in the two-process
     test: parameters whose true gradient is 0 (the projector's attention key biases) get float noise
     that Adam at 1e-8 would scale up to lr-sized steps; real gradients are still normalised."""
-    import comfy.sd
     import comfy_pack
 
     from clap2diffusion_core.clap import load_clap_tower
@@ -188,6 +187,8 @@ def test_distil_node_path_and_the_cli_train_alike(tmp_path: Path, test_models) -
                        "teacher_steps": 2, "pure_noise": 0.5, "grid_every": 0}}
     cli = load_checkpoint(train_stage(load_config("distil", extra=tree), progress=False).file).state_dict()
 
+    import comfy.sd  # importable once comfy_pack.load has put ComfyUI on the path
+
     config = pack["clap2diffusion_core.training.settings"].distil_config(tree)
     model, clip = comfy.sd.load_checkpoint_guess_config(sd15, output_vae=False, output_clip=True)[:2]
     captions = [c.text for c in pack["clap2diffusion_core.training.captions"].build_corpus(24, 0)]
@@ -203,6 +204,7 @@ def test_distil_node_path_and_the_cli_train_alike(tmp_path: Path, test_models) -
     assert node.keys() == cli.keys()
     worst = max(float((node[k] - cli[k]).abs().max()) for k in node)
     moved = max(float((cli[k] - initial[k]).abs().max()) for k in cli)
+    print(f"node path vs command line after 3 steps: largest difference {worst:.2e}, largest move {moved:.2e}")
     assert moved > 1e-3, moved
     assert worst <= 1e-4, f"node vs command line after 3 steps: largest difference {worst:.2e} (moved {moved:.2e})"
 
