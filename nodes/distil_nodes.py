@@ -185,9 +185,6 @@ class DistilAudioAdapter(io.ComfyNode):
         resume = folder / f"{stem}.resume"
 
         bar = comfy.utils.ProgressBar(steps)
-        adapter_config = adapter_config_of(model)
-        model_start = start_model(clap2diffusion, adapter_config, text_kv_of(model))
-        unet = ComfyDistilUNet(model, model_start.adapter)
 
         def states(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
             mm.throw_exception_if_processing_interrupted()
@@ -198,7 +195,8 @@ class DistilAudioAdapter(io.ComfyNode):
 
         text = clap_model.load_text()
         caption_set = build_caption_set(captions, text.encode_text, states, heldout, seed)
-        mm.load_models_gpu([model], force_full_load=True)  # the text encoders may have displaced it
+        model_start = start_model(clap2diffusion, adapter_config_of(model), text_kv_of(model))
+        unet = ComfyDistilUNet(model, model_start.adapter)  # loads the UNet last: the text encoders are done
         last_loss = [float("nan")]
 
         def before_step(step: int) -> None:

@@ -96,9 +96,10 @@ class ComfyDistilUNet:
         self.model = model
         self.adapter = adapter
         self.family, _ = model_family(model)
-        mm.load_models_gpu([model], force_full_load=True)
+        with torch.inference_mode(False):  # weights moved now are ordinary tensors
+            mm.load_models_gpu([model], force_full_load=True)
         self.unet = model.get_model_object("diffusion_model")
-        ensure_autograd_weights(self.unet)
+        ensure_autograd_weights(self.unet)  # those loaded earlier, in ComfyUI's inference mode
         self.device = mm.get_torch_device()
         self.dtype = compute_dtype(model)
         sigmas = model.get_model_object("model_sampling").sigmas.float().cpu()
@@ -119,7 +120,7 @@ class ComfyDistilUNet:
         y = None
         if self.sdxl:
             side = 8 * x.shape[-1]
-            y = self.model.model.encode_adm(pooled_output=pooled, width=side, height=side).to(x.device, self.dtype)
+            y = self.model.model.encode_adm(pooled_output=pooled, width=side, height=side).to(self.device, self.dtype)
         out = self.unet(x.to(self.device, self.dtype), t.to(self.device).float(), context.to(self.device, self.dtype),
                         y=y, transformer_options=options)
         return out.float()

@@ -33,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     from tools import test_models as tm
 
     models = tm.build_all()
-    import comfy.sd
-
     distil, local = comfy_pack.load("clap2diffusion_core.training.distil"), comfy_pack.load(
         "clap2diffusion_core.training.distil_local")
     settings, captions_mod = comfy_pack.load("clap2diffusion_core.training.settings"), comfy_pack.load(
@@ -42,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     fit_nodes, distil_unet = comfy_pack.load("nodes.fit_nodes"), comfy_pack.load("nodes.distil_unet")
     checkpoint, clap_mod = comfy_pack.load("clap2diffusion_core.checkpoint"), comfy_pack.load("clap2diffusion_core.clap")
     nodes = comfy_pack.load("nodes.distil_nodes")
+    import comfy.sd  # importable once comfy_pack.load has put ComfyUI on the path
 
     model, clip = comfy.sd.load_checkpoint_guess_config(str(models.sd15_checkpoint), output_vae=False,
                                                         output_clip=True)[:2]
