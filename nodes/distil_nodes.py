@@ -225,7 +225,7 @@ class DistilAudioAdapter(io.ComfyNode):
         log.info("Distil Audio Adapter: %d steps (from step %d) -> %s in %.1f s; last loss %.5f; held-out (%d "
                  "captions) loss %.5f -> %.5f, heldout_gain %.4f, heldout_specific_gain %.4f",
                  steps, result.resumed_from, path, time.perf_counter() - start, last_loss[0], heldout,
-                 first["distil"], last["distil"], gain, heldout_specific_gain(result.heldout))
+                 first["distil"], last["distil"], gain, heldout_specific_gain(result.heldout) or 0.0)
         out = load_checkpoint(path, device="cpu")
         if previews:
             return io.NodeOutput(out, ui=ui.PreviewImage(previews[-1].permute(1, 2, 0)[None], cls=cls))

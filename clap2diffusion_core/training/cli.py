@@ -200,7 +200,8 @@ def _distil(args: argparse.Namespace) -> int:
     if result.heldout_losses:
         print(json.dumps({"file": str(result.file), "steps": result.steps,
                           "heldout_gain": round(heldout_gain(result.heldout_losses), 4),
-                          "heldout_specific_gain": round(heldout_specific_gain(result.heldout_losses), 4),
+                          "heldout_specific_gain": None if (g := heldout_specific_gain(result.heldout_losses)) is None
+                          else round(g, 4),
                           "grids": [str(p) for _, p in result.grids]}), flush=True)
     return 0
 

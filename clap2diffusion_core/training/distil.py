@@ -399,13 +399,16 @@ def heldout_gain(heldout_losses: Sequence[tuple[int, dict[str, float]]]) -> floa
     return 1.0 - last / first if first > 0 else 0.0
 
 
-def heldout_specific_gain(heldout_losses: Sequence[tuple[int, dict[str, float]]]) -> float:
+def heldout_specific_gain(heldout_losses: Sequence[tuple[int, dict[str, float]]]) -> float | None:
     """``1 - mse(student(audio_i), teacher_i) / mse(student(audio_j), teacher_i)`` at the last
     evaluation, over the held-out captions, ``j`` a fixed derangement of ``i`` (the next held-out
     caption), with the same noise and states: above 0 only if the audio carries *which* caption it
-    stands for, not just that some caption is there (the share that :func:`heldout_gain` cannot tell)."""
+    stands for, not just that some caption is there (the share that :func:`heldout_gain` cannot tell).
+    None when it was not measured (fewer than 2 held-out captions)."""
     values = heldout_losses[-1][1]
-    own, swapped = values["distil"], values.get("distil_swapped", 0.0)
+    if "distil_swapped" not in values:
+        return None
+    own, swapped = values["distil"], values["distil_swapped"]
     return 1.0 - own / swapped if swapped > 0 else 0.0
 
 

@@ -233,7 +233,8 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
 
     fixed_sets = {"fixed_batch": fixed(dataset, range(min(config.eval_batch_size, len(dataset))), config.seed)}
     if distil:
-        heldout = captions.dataset(captions.heldout, derange=True)  # + the held-out specific gain's swap
+        # + the held-out specific gain's swap (it needs two held-out captions)
+        heldout = captions.dataset(captions.heldout, derange=len(captions.heldout) >= 2)
         fixed_sets["heldout"] = fixed(heldout, range(len(heldout)), config.seed + 1)
     decoder = None
     if distil and config.distil.grid_every > 0 and accelerator.is_main_process:
