@@ -69,6 +69,15 @@ SEGMIND_VEGA_UNET_CONFIG: Mapping[str, Any] = MappingProxyType({
     "legacy": False,
 })
 
+#: SDXL base (ComfyUI's ``supported_models.SDXL``): Vega's layout with 2 / 10 transformer blocks per
+#: level and a 10-deep middle block (70 cross-attention layers, 2.6B parameters). The FLOP count only.
+SDXL_UNET_CONFIG: Mapping[str, Any] = MappingProxyType({
+    **SEGMIND_VEGA_UNET_CONFIG,
+    "transformer_depth": (0, 0, 2, 2, 10, 10),
+    "transformer_depth_output": (0, 0, 0, 2, 2, 2, 10, 10, 10),
+    "transformer_depth_middle": 10,
+})
+
 #: What ``adapters.ldm_unet_layout`` reads of a config.
 LAYOUT_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth", "transformer_depth_output",
                "transformer_depth_middle", "num_heads", "num_head_channels")

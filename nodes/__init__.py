@@ -20,6 +20,7 @@ _NODE_MODULES = (
     "prompt_nodes",
     "schedule_nodes",
     "fit_nodes",
+    "distil_nodes",
 )
 
 

@@ -69,11 +69,10 @@ def end_position(ids: list[int]) -> int:
     return ids.index(END_TOKEN, 1) if END_TOKEN in ids[1:] else len(ids) - 1
 
 
-def pooled_targets(clip, captions: list[str]) -> torch.Tensor:  # noqa: ANN001
-    """``[n, 768]``: for each caption, the mean of ComfyUI's conditioning over its tokens and end
-    token (the stage-1 target; what ``ClipTextEncoder`` computes on the command-line path). One
-    batched forward: the captions go in as sections of one prompt, which ComfyUI encodes together
-    and concatenates along the tokens."""
+def sd15_states(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """``(states [n, 77, C], ends [n])``: ComfyUI's conditioning of each caption (its first 77-token
+    section) and where its end token stands. One batched forward: the captions go in as sections of
+    one prompt, which ComfyUI encodes together and concatenates along the tokens."""
     sections, ends = [], []
     for caption in captions:
         tokens = clip.tokenize(caption)
@@ -82,13 +81,19 @@ def pooled_targets(clip, captions: list[str]) -> torch.Tensor:  # noqa: ANN001
         ends.append(end_position(ids))
         sections.append([(t[0], 1.0) for t in first])
     cond = clip.encode_from_tokens({"l": sections}).float().cpu()  # [1, 77 * n, C]
-    return caption_token_mean(cond.reshape(len(captions), -1, cond.shape[-1]), torch.tensor(ends))
+    return cond.reshape(len(captions), -1, cond.shape[-1]), torch.tensor(ends)
 
 
-def sdxl_targets(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    """SDXL's targets from ComfyUI's own CLIP: ``([n, 2048], [n, 1280])``, for each caption the mean
-    of its conditioning (CLIP-L + CLIP-G penultimate states) over its tokens and end token, and its
-    pooled vector (CLIP-G's projected end token).
+def pooled_targets(clip, captions: list[str]) -> torch.Tensor:  # noqa: ANN001
+    """``[n, 768]``: for each caption, the mean of ComfyUI's conditioning over its tokens and end
+    token (the stage-1 target; what ``ClipTextEncoder`` computes on the command-line path)."""
+    return caption_token_mean(*sd15_states(clip, captions))
+
+
+def sdxl_states(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """SDXL's conditioning from ComfyUI's own CLIP: ``(states [n, 77, 2048], ends [n], pooled [n, 1280])``,
+    CLIP-L + CLIP-G penultimate states side by side, each caption's end token, and its pooled
+    vector (CLIP-G's projected end token).
 
     ``encode_from_tokens`` keeps only the first section's pooled vector, so captions cannot share
     one call as on the SD1.5 path, and one call per caption costs 3x more on a CPU (ComfyUI casts
@@ -110,7 +115,14 @@ def sdxl_targets(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]
     out_l = inner.clip_l.encode(ids_l)[0]
     out_g, pooled = inner.clip_g.encode(ids_g)[:2]
     cond = torch.cat([out_l, out_g], dim=-1).float().cpu()  # [n, 77, 2048]
-    return caption_token_mean(cond, torch.tensor(ends)), pooled.float().cpu()
+    return cond, torch.tensor(ends), pooled.float().cpu()
+
+
+def sdxl_targets(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """SDXL's targets: ``([n, 2048], [n, 1280])``, for each caption the mean of its conditioning over
+    its tokens and end token (:func:`sdxl_states`), and its pooled vector."""
+    cond, ends, pooled = sdxl_states(clip, captions)
+    return caption_token_mean(cond, ends), pooled
 
 
 #: CLIP weights the fit's targets never read: CLIP-L's projection (SD1.5 and SDXL take CLIP-L's

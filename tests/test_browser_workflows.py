@@ -170,6 +170,8 @@ def values_for_test_models(workflow: dict[str, Any], object_info: dict[str, Any]
             values += [(node_id, "corpus_size", 16), (node_id, "steps", 10)]
         elif kind in FRAME_NODES:  # a few frames (latents), not the whole sound's
             values.append((node_id, "frames", QUICK_FRAMES))
+        elif kind == "C2D_DistilAudioAdapter":  # likewise: 2 steps at 64 px
+            values += [(node_id, w, v) for w, v in {"corpus_size": 16, "steps": 2, "batch_size": 2, "resolution": 64}.items()]
     return values
 
 

@@ -261,6 +261,8 @@ def test_distil_sdxl_step_runs_on_the_vega_unet(sdxl_distil):
     assert model.config.adapter == adapter_config(vega_layers, 2048)
     assert len(model.adapter) == 15
     assert float(model.adapter.gates().abs().min()) > 0
+    # Started from no file: the distillation gave it a pooled head, fitted as the text fit fits its own.
+    assert model.pooled_head is not None and model.config.pooled.pooled_dim == 1280
     assert all(np.isfinite(v) for _, values in sdxl_distil.heldout_losses for v in values.values())
 
 

@@ -736,6 +736,44 @@ def audio_guidance(wf: Workflow) -> None:
              [apply, guider, noise, sampler, sigmas, latent, run, decode, save], GROUP_COLORS["sample"])
 
 
+def audio_adapter_from_text(wf: Workflow) -> None:
+    """No CLAP2Diffusion file at all: fit one from text, distil its adapter from the checkpoint,
+    then the method's own injection (Apply Audio to Model)."""
+    ckpt = checkpoint(wf, (0, 0))
+    positive, negative = prompts(wf, ckpt["CLIP"], (360, 0), text="a beach at dusk")
+    clap = wf.node("C2D_ClapLoader", (0, AUDIO_ROW), (315, 58), clap_name=CLAP)
+    fit = wf.node("C2D_FitAudioProjectorFromText", (0, AUDIO_ROW + 420), (315, 230), clip=ckpt["CLIP"],
+                  clap_model=clap.out, corpus_size=1024, steps=500, seed=0, extra_captions="")
+    distil = wf.node("C2D_DistilAudioAdapter", (0, AUDIO_ROW + 700), (340, 420), model=ckpt["MODEL"],
+                     clip=ckpt["CLIP"], clap_model=clap.out, clap2diffusion=fit.out, vae=ckpt["VAE"], steps=4000,
+                     batch_size=8, learning_rate=1e-4, resolution=512, seed=0, corpus_size=1024, preview_every=500,
+                     extra_captions="")
+    chain = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, distil)
+    apply = wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 170), model=ckpt["MODEL"],
+                    audio_tokens=chain.project.out, clap2diffusion=distil.out, strength=1.0, start_percent=0.0,
+                    end_percent=1.0)
+    tail = sample(wf, (1140, 0), apply.out, positive.out, negative.out, ckpt["VAE"], "clap2diffusion_distilled")
+    wf.note(note_text(
+        "Sound -> image through audio cross-attention, with no CLAP2Diffusion file (fit + distil)",
+        "Fit Audio Projector (from text) makes a stage-1 file from your CLAP and this checkpoint's text "
+        "encoder; Distil Audio Adapter then teaches the audio adapter from the checkpoint itself (teacher: "
+        "the UNet on a sound caption's text; student: the UNet on an empty prompt plus the adapter fed that "
+        "caption's CLAP embedding). No data set. Both files are saved in `models/clap2diffusion/` and reused "
+        "by later runs with the same inputs. **The distillation is GPU work** (about 1-2 h for SD1.5 at the "
+        "defaults, an estimate; see docs/DISTILLATION.md); Cancel keeps its progress and a new queue resumes.",
+        files_block(None),
+        ["**Distil -> preview_every**: a preview on the node shows teacher / student / empty prompt for "
+         "three held-out captions; the middle column should drift from the right one towards the left one.",
+         "**Distil -> steps / batch_size / learning_rate / resolution / seed**: change any and a new file is "
+         "made (named from the inputs).",
+         "**Apply Audio to Model -> strength**: 0 gives exactly the image without the sound.",
+         "The distilled file also drives Apply Audio to Conditioning."]),
+        (-480, -60), (440, 800), "Read me: model files")
+    wf.group("1 · Model and prompt", [ckpt, positive, negative], GROUP_COLORS["model"])
+    wf.group("2 · Fit, distil, sound -> audio tokens", [clap, fit, distil, *chain.nodes()], GROUP_COLORS["audio"])
+    wf.group("3 · Audio attention in the UNet, sample", [apply, *tail], GROUP_COLORS["sample"])
+
+
 WORKFLOWS: dict[str, Callable[[Workflow], None]] = {
     "audio_text_to_image": audio_text_to_image,
     "audio_adapter": audio_adapter,
@@ -746,6 +784,7 @@ WORKFLOWS: dict[str, Callable[[Workflow], None]] = {
     "sound_to_frames": sound_to_frames,
     "audio_from_text_fit": audio_from_text_fit,
     "audio_guidance": audio_guidance,
+    "audio_adapter_from_text": audio_adapter_from_text,
 }
 
 

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from clap2diffusion_core.sd15 import build_unet
     from clap2diffusion_core.training.config import load_config
     from clap2diffusion_core.training.distil import DistilModule
+    from clap2diffusion_core.training.distil_diffusers import DiffusersDistilUNet
     from clap2diffusion_core.training.stages import FrozenUNet, adapter_config_for
 
     start = time.perf_counter()
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config("distil", ["sd15=unused", "distil.clap=unused", f"distil.latent_size={args.size}",
                                     f"distil.teacher_steps={args.teacher_steps}", "distil.sampler_steps=10"])
     context = unet.config.cross_attention_dim
-    module = DistilModule(model, config, frozen, torch.randn(1, 77, context))
+    module = DistilModule(model, config, DiffusersDistilUNet(frozen), torch.randn(1, 77, context))
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     built = time.perf_counter() - start
     b = args.batch

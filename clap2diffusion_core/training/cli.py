@@ -195,11 +195,14 @@ def _distil(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.config}: objective is {config.objective!r}; the distil command runs "
                          "objective: distil configs (use `train` for the others)")
     result = train_stage(config, resume=args.resume, progress=not args.no_progress)
-    from .distil import heldout_gain
+    from .distil import heldout_gain, heldout_specific_gain
 
     if result.heldout_losses:
-        print(json.dumps({"file": str(result.file), "steps": result.steps, "heldout_gain": round(
-            heldout_gain(result.heldout_losses), 4), "grids": [str(p) for _, p in result.grids]}), flush=True)
+        print(json.dumps({"file": str(result.file), "steps": result.steps,
+                          "heldout_gain": round(heldout_gain(result.heldout_losses), 4),
+                          "heldout_specific_gain": None if (g := heldout_specific_gain(result.heldout_losses)) is None
+                          else round(g, 4),
+                          "grids": [str(p) for _, p in result.grids]}), flush=True)
     return 0
 
 

@@ -30,13 +30,15 @@ decoded with the checkpoint's VAE into ``<run>/distil/validation/step-<n>.png``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +46,13 @@ from torch import nn
 
 from ..model import CLAP2DiffusionModel
 from . import losses
-from .captions import build_corpus, read_caption_file
-from .config import StageConfig
+from .settings import StageConfig
 
 if TYPE_CHECKING:
-    from .stages import FrozenUNet
+    from .textfit import TextFitConfig
+
+#: Captions -> ``(states [n, 77, C], pooled [n, P] or None)``: the teacher's text conditioning.
+TextStates = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,15 +74,19 @@ class CaptionSet:
     pooled: torch.Tensor | None = None
     neutral_pooled: torch.Tensor | None = None
 
-    def dataset(self, rows: Sequence[int]) -> CaptionDataset:
-        return CaptionDataset(self, list(rows))
+    def dataset(self, rows: Sequence[int], derange: bool = False) -> CaptionDataset:
+        return CaptionDataset(self, list(rows), derange)
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """``dataset[i]`` -> ``{"clap" [512], "text" [77, C], "caption_index"}`` for the chosen rows."""
+    """``dataset[i]`` -> ``{"clap" [512], "text" [77, C], "caption_index"}`` for the chosen rows.
+    ``derange``: also ``"swap_clap" [512]``, the CLAP embedding of row ``i + 1`` (mod n), a fixed
+    derangement of the rows (:func:`heldout_specific_gain`)."""
 
-    def __init__(self, captions: CaptionSet, rows: list[int]) -> None:
-        self.captions, self.rows = captions, rows
+    def __init__(self, captions: CaptionSet, rows: list[int], derange: bool = False) -> None:
+        if derange and len(rows) < 2:
+            raise ValueError("a derangement needs at least 2 rows (distil.heldout >= 2)")
+        self.captions, self.rows, self.derange = captions, rows, derange
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -88,6 +96,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         item = {"clap": c.clap[row], "text": c.text[row].float(), "caption_index": torch.tensor(row)}
         if c.pooled is not None:
             item["pooled"] = c.pooled[row]
+        if self.derange:
+            item["swap_clap"] = c.clap[self.rows[(i + 1) % len(self.rows)]]
         return item
 
 
@@ -97,53 +107,98 @@ def split_corpus(size: int, heldout: int, seed: int) -> tuple[list[int], list[in
     return sorted(order[heldout:]), sorted(order[:heldout])
 
 
-def encode_captions(config: StageConfig, batch_size: int = 32) -> CaptionSet:
-    """Build the corpus of ``config.distil`` and encode it with CLAP's text tower and the
-    checkpoint's text encoder: SD1.5's CLIP-L, or SDXL's CLIP-L + CLIP-G with CLIP-G's pooled output
-    (float32 CLAP, float16-stored text states to halve the memory)."""
-    from ..clap import load_clap_tower
-    from ..sdxl import checkpoint_family
-    from .encoders import load_text_encoder
-    from .sdxl_text import load_sdxl_text_encoder
+def build_caption_set(captions: Sequence[str], clap_text: Callable[[list[str]], torch.Tensor],
+                      text_states: TextStates, heldout: int, seed: int, batch_size: int = 32,
+                      on_batch: Callable[[int, int], None] | None = None) -> CaptionSet:
+    """Encode ``captions`` once: ``clap_text`` (CLAP's text tower, ``[n, 512]``) and ``text_states``
+    (the checkpoint's text encoder: ``(states [n, 77, C], pooled [n, P] or None)``), the neutral
+    prompt ``""`` too, and split them (:func:`split_corpus`). The command line and the node both come
+    here, with their own encoders. Text states are stored in float16 (half the memory of a big corpus).
+    ``on_batch(done, total)`` after each batch of captions."""
+    captions = list(captions)
+    clap_rows, states, pooled = [], [], []
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        clap_rows.append(clap_text(chunk).float().cpu().clone())
+        h, p = text_states(chunk)
+        states.append(h.detach().float().cpu().half())
+        if p is not None:
+            pooled.append(p.detach().float().cpu().clone())
+        if on_batch is not None:
+            on_batch(start + len(chunk), len(captions))
+    neutral, neutral_pooled = text_states([""])
+    train, held = split_corpus(len(captions), heldout, seed)
+    return CaptionSet(captions, F.normalize(torch.cat(clap_rows), dim=-1), torch.cat(states),
+                      neutral.detach().float().cpu().clone(), train, held,
+                      pooled=torch.cat(pooled) if pooled else None,
+                      neutral_pooled=None if neutral_pooled is None else neutral_pooled.detach().float().cpu().clone())
 
-    d = config.distil
-    extra = read_caption_file(d.captions) if d.captions else []
-    captions = [c.text for c in build_corpus(d.corpus_size, d.corpus_seed, extra)]
-    clap = load_clap_tower(d.clap, "text")
-    clap_rows = [clap.encode_text(captions[i:i + batch_size]).float().clone() for i in range(0, len(captions), batch_size)]
-    del clap
-    sdxl = checkpoint_family(config.sd15) == "sdxl"
-    if sdxl:
-        clip = SdxlContext(load_sdxl_text_encoder(config.sd15, d.tokenizer))
-    else:
-        clip = load_text_encoder(config.sd15, d.tokenizer)
-    encoded = [clip(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)]
-    neutral, neutral_pooled = clip([""])
-    train, heldout = split_corpus(len(captions), d.heldout, d.corpus_seed)
-    return CaptionSet(captions, F.normalize(torch.cat(clap_rows), dim=-1), torch.cat([h.half() for h, _ in encoded]),
-                      neutral.float(), train, heldout, pooled=torch.cat([p for _, p in encoded]) if sdxl else None,
-                      neutral_pooled=neutral_pooled.float() if sdxl else None)
+def final_model(model: CLAP2DiffusionModel, temperature: float) -> CLAP2DiffusionModel:
+    """A copy of ``model`` whose config carries the temperature training ended at, so the ComfyUI
+    nodes decompose at the temperature the weights were trained for."""
+    decomposer = dataclasses.replace(model.config.decomposer, temperature=float(temperature))
+    out = CLAP2DiffusionModel(dataclasses.replace(model.config, decomposer=decomposer))
+    out.load_state_dict(model.state_dict())
+    return out.eval()
 
 
-class SdxlContext:
-    """Captions -> SDXL's UNet conditioning as ComfyUI's SDXL CLIP gives it: ``(states [B, 77, 2048],
-    pooled [B, 1280])``, 77 tokens (CLIP-L padded with the end token, CLIP-G with 0), penultimate
-    states of both towers side by side, CLIP-G's projected pooled vector."""
+def refit_pooled_head(model: CLAP2DiffusionModel, captions: CaptionSet, temperature: float,
+                      fit: TextFitConfig | None = None, device: torch.device | str = "cpu") -> CLAP2DiffusionModel:
+    """SDXL files: fit ``model``'s pooled head again on the training captions, as the text fit fits its
+    own (its objective, :func:`.textfit.stage1_loss`'s pooled term; its gap bridging, batches, rate and
+    steps), with everything else frozen: the distillation moved the decomposer the head reads, so the
+    text fit's head no longer matches it. A model without a head (a distillation started from no file)
+    gets a new one first, laid out as the text fit lays out its own. Returns the model (``model``
+    itself, trained in place, when it had a head; SD1.5: ``model`` untouched).
 
-    def __init__(self, encoder) -> None:  # noqa: ANN001 (sdxl_text.SDXLTextEncoder)
-        self.encoder = encoder
+    ``stage1_loss`` also scores the tokens; with only the head trainable that term adds no gradient
+    (its targets are the captions' token means), so the head gets exactly the text fit's pooled objective."""
+    from .loop import cosine_with_warmup
+    from .sampling import StreamBatchSampler, step_generator
+    from .textfit import TextFitConfig, bridge_noise, stage1_loss
 
-    @torch.no_grad()
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self.encoder
-        ids = e.tokenizer(list(captions), padding="max_length", max_length=77, truncation=True,
-                          return_tensors="pt")["input_ids"].to(e.clip_g.device)
-        ends = (ids == e.tokenizer.eos_token_id).int().argmax(dim=1)
-        g_ids = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device)[None] > ends[:, None], 0)
-        out_l = e.clip_l(input_ids=ids, output_hidden_states=True)
-        out_g = e.clip_g(input_ids=g_ids, output_hidden_states=True)
-        states = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1).float()
-        return states, out_g.text_embeds.float()
+    if captions.pooled is None:
+        return model
+    fit = fit or TextFitConfig()
+    if model.pooled_head is None:
+        from ..pooled_head import PooledHeadConfig
+
+        d = model.config.decomposer
+        head = PooledHeadConfig(pooled_dim=captions.pooled.shape[-1], token_dim=d.token_dim, num_tokens=d.num_tokens,
+                                norm_target=float(captions.pooled.float().norm(dim=-1).mean()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(fit.seed)
+            grown = CLAP2DiffusionModel(dataclasses.replace(model.config, pooled=head))
+        grown.load_state_dict(model.state_dict(), strict=False)
+        model = grown.to(next(model.parameters()).device)
+    rows = torch.tensor(captions.train)
+    clap_all = captions.clap[rows].float()
+    tokens_all = captions.text[rows].float().mean(dim=1)  # [M, C] (no gradient reaches the head from it)
+    pooled_all = captions.pooled[rows].float()
+    with torch.inference_mode(False), torch.enable_grad():
+        was = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+        head = model.pooled_head.requires_grad_(True)
+        params = list(head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=fit.lr, weight_decay=fit.weight_decay)
+        scheduler = cosine_with_warmup(optimizer, fit.warmup_steps, fit.steps)
+        batches = iter(StreamBatchSampler(len(rows), min(fit.batch_size, len(rows)), fit.seed))
+        model.train()
+        try:
+            for step in range(fit.steps):
+                index = torch.tensor(next(batches))
+                clap = bridge_noise(clap_all[index], fit.noise, step_generator(fit.seed, step, 0, 0))
+                loss = stage1_loss(model, clap.to(device), tokens_all[index].to(device), index.to(device),
+                                   temperature, fit, pooled_all[index].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+        finally:
+            for name, p in model.named_parameters():
+                p.requires_grad_(was[name])
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,6 +220,31 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, alpha_nex
 
 
 # ------------------------------------------------------------------------------------------------
+# the UNet both sides hand the loop
+
+
+class DistilUNet(Protocol):
+    """The frozen UNet the distillation runs, whoever holds it: diffusers' on the command line
+    (:class:`.distil_diffusers.DiffusersDistilUNet`), ComfyUI's in the node
+    (``nodes/distil_unet.py``). Both run the adapter math of :mod:`..audio_attention`."""
+
+    #: Latent channels (4), whether it takes SDXL's pooled text and size ids, the DDPM schedule
+    #: ``[T]`` (cumulative alphas) and what it predicts (``"epsilon"``).
+    in_channels: int
+    sdxl: bool
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, 4, s, s]`` at timesteps ``t [B]`` (long), ``context [B, 77, C]``, ``pooled [B, P]``
+        (SDXL) -> the noise prediction ``[B, 4, s, s]`` in float32."""
+
+    def audio(self, tokens: torch.Tensor, token_levels: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Bind ``tokens [B | 1, N, C]`` to the adapter for the calls inside (with gradient)."""
+
+
+# ------------------------------------------------------------------------------------------------
 # the module the trainer prepares
 
 
@@ -172,28 +252,27 @@ class DistilModule(nn.Module):
     """The distillation step; the trainer's interface of :class:`.stages.StageModule`
     (``draw``, ``forward(batch, temperature) -> (loss, terms, stats)``). Parameters: the model's."""
 
-    def __init__(self, model: CLAP2DiffusionModel, config: StageConfig, frozen: FrozenUNet,
+    def __init__(self, model: CLAP2DiffusionModel, config: StageConfig, unet: DistilUNet,
                  neutral: torch.Tensor, neutral_pooled: torch.Tensor | None = None) -> None:
         super().__init__()
-        if frozen is None or frozen.hook is None or model.adapter is None:
-            raise ValueError("the distillation needs the frozen UNet with the adapter attached")
-        if frozen.scheduler.config.prediction_type != "epsilon":
-            raise ValueError(f"the distillation's DDIM walk expects an epsilon model, not "
-                             f"{frozen.scheduler.config.prediction_type!r}")
+        if unet is None or model.adapter is None:
+            raise ValueError("the distillation needs the frozen UNet and a model with an adapter")
+        if unet.prediction_type != "epsilon":
+            raise ValueError(f"the distillation's DDIM walk expects an epsilon model, not {unet.prediction_type!r}")
         self.model = model
         self.distil = config.distil
         self.audio_dropout = config.loss.audio_dropout
-        self.frozen = frozen  # a plain holder: not a submodule (not saved, not all-reduced)
+        self.unet = unet  # a plain holder: not a submodule (not saved, not all-reduced)
         self.register_buffer("neutral", neutral.float(), persistent=False)  # [1, 77, C]
-        # SDXL: the UNet also takes the pooled text and the size/crop ids (added_cond_kwargs).
-        self.sdxl = getattr(frozen.unet.config, "addition_embed_type", None) == "text_time"
+        # SDXL: the UNet also takes the pooled text and the size/crop ids.
+        self.sdxl = unet.sdxl
         if self.sdxl and neutral_pooled is None:
             raise ValueError("an SDXL UNet needs the pooled text of the neutral prompt")
         if self.sdxl:
             self.register_buffer("neutral_pooled", neutral_pooled.float(), persistent=False)  # [1, 1280]
-        train_steps = frozen.scheduler.config.num_train_timesteps
+        train_steps = unet.alphas_cumprod.shape[0]
         self.register_buffer("grid", ddim_grid(config.distil.sampler_steps, train_steps), persistent=False)
-        self.register_buffer("alphas", frozen.scheduler.alphas_cumprod.float().clone(), persistent=False)
+        self.register_buffer("alphas", unet.alphas_cumprod.float().clone(), persistent=False)
 
     # ---- randomness
 
@@ -203,13 +282,13 @@ class DistilModule(nn.Module):
         sliced: ``noise [B, 4, s, s]``, ``steps [B]`` (teacher steps, 0 = pure noise),
         ``pure_t [B]``, ``bridge [B, 512]`` (unit Gaussian, scaled in forward), ``drop_audio [B]``.
         ``evaluation``: no gap-bridging noise, no dropped rows."""
-        d, unet = self.distil, self.frozen.unet
+        d = self.distil
         b, (rank, world) = batch["clap"].shape[0], part
         n = b * world
-        train_steps = self.frozen.scheduler.config.num_train_timesteps
+        train_steps = self.alphas.shape[0]
         size = d.latent_size
         drawn = {
-            "noise": torch.randn((n, unet.config.in_channels, size, size), generator=generator),
+            "noise": torch.randn((n, self.unet.in_channels, size, size), generator=generator),
             "steps": torch.randint(1, d.teacher_steps + 1, (n,), generator=generator),
             "pure": torch.rand(n, generator=generator) < d.pure_noise,
             "pure_t": torch.randint(min(d.pure_noise_min_t, train_steps - 1), train_steps, (n,), generator=generator),
@@ -227,16 +306,9 @@ class DistilModule(nn.Module):
     def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
               pooled: torch.Tensor | None = None) -> torch.Tensor:
         """The frozen UNet; ``pooled [B, 1280]`` (SDXL; default the neutral prompt's)."""
-        f = self.frozen
-        extra = {}
-        if self.sdxl:
-            from ..sdxl import time_ids
-
-            pooled = self.neutral_pooled.expand(x.shape[0], -1) if pooled is None else pooled
-            side = 8 * x.shape[-1]
-            extra["added_cond_kwargs"] = {"text_embeds": pooled.to(f.dtype),
-                                          "time_ids": time_ids(side, side, x.shape[0]).to(x.device, f.dtype)}
-        return f.unet(x.to(f.dtype), t, encoder_hidden_states=context.to(f.dtype), **extra).sample.float()
+        if self.sdxl and pooled is None:
+            pooled = self.neutral_pooled.expand(x.shape[0], -1)
+        return self.unet(x, t, context, pooled if self.sdxl else None)
 
     def _neutral_pooled(self, n: int) -> torch.Tensor | None:
         return self.neutral_pooled.expand(n, -1) if self.sdxl else None
@@ -284,23 +356,33 @@ class DistilModule(nn.Module):
 
     def student(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The UNet on the neutral prompt with ``tokens [B | 1, N, C]`` through the adapter."""
-        f = self.frozen
-        with f.hook.audio(tokens, self.model.projector.token_levels):
+        with self.unet.audio(tokens, self.model.projector.token_levels):
             return self._unet(x, t, self.neutral.expand(x.shape[0], -1, -1))
 
-    def forward(self, batch: dict[str, torch.Tensor], temperature: float
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``batch``: ``clap [B, 512]``, ``text [B, 77, C]`` and :meth:`draw`'s tensors.
-        Returns ``(loss, {"distil": loss}, stats)`` as ``StageModule`` does."""
-        x, t, target = self.states(batch)
-        scale = self.distil.bridge_noise / math.sqrt(batch["clap"].shape[-1])
-        clap = F.normalize(batch["clap"].float() + scale * batch["bridge"].float(), dim=-1)
+    def _student_tokens(self, batch: dict[str, torch.Tensor], clap: torch.Tensor, temperature: float):  # noqa: ANN202
+        """``(levels, tokens [B, N, C])`` for ``clap [B, 512]``: gap-bridged, dropped rows silent."""
+        scale = self.distil.bridge_noise / math.sqrt(clap.shape[-1])
+        clap = F.normalize(clap.float() + scale * batch["bridge"].float(), dim=-1)
         levels = self.model.decomposer(clap, temperature)
         tokens = self.model.projector(levels)
         if self.audio_dropout:
             silence = self.model.silence_tokens(temperature)
             tokens = torch.where(batch["drop_audio"][:, None, None], silence, tokens)
+        return levels, tokens
+
+    def forward(self, batch: dict[str, torch.Tensor], temperature: float
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``batch``: ``clap [B, 512]``, ``text [B, 77, C]`` and :meth:`draw`'s tensors; with
+        ``swap_clap [B, 512]`` (held-out evaluation) also the student fed that other caption's audio,
+        on the same states, against the same target (term ``distil_swapped``).
+        Returns ``(loss, {"distil": loss, ...}, stats)`` as ``StageModule`` does."""
+        x, t, target = self.states(batch)
+        levels, tokens = self._student_tokens(batch, batch["clap"], temperature)
         loss = losses.diffusion_mse(self.student(x, t, tokens), target)
+        terms = {"distil": loss}
+        if "swap_clap" in batch:
+            _, swapped = self._student_tokens(batch, batch["swap_clap"], temperature)
+            terms["distil_swapped"] = losses.diffusion_mse(self.student(x, t, swapped), target)
         with torch.no_grad():
             stats = {
                 "level_usage": levels.level_usage().mean(0),
@@ -308,13 +390,26 @@ class DistilModule(nn.Module):
                 "token_norm": tokens.norm(dim=-1).mean(),
                 "gates": self.model.adapter.gates(),
             }
-        return loss, {"distil": loss}, stats
+        return loss, terms, stats
 
 
 def heldout_gain(heldout_losses: Sequence[tuple[int, dict[str, float]]]) -> float:
     """``1 - last / first`` of the held-out distillation loss (see the module docstring)."""
     first, last = heldout_losses[0][1]["distil"], heldout_losses[-1][1]["distil"]
     return 1.0 - last / first if first > 0 else 0.0
+
+
+def heldout_specific_gain(heldout_losses: Sequence[tuple[int, dict[str, float]]]) -> float | None:
+    """``1 - mse(student(audio_i), teacher_i) / mse(student(audio_j), teacher_i)`` at the last
+    evaluation, over the held-out captions, ``j`` a fixed derangement of ``i`` (the next held-out
+    caption), with the same noise and states: above 0 only if the audio carries *which* caption it
+    stands for, not just that some caption is there (the share that :func:`heldout_gain` cannot tell).
+    None when it was not measured (fewer than 2 held-out captions)."""
+    values = heldout_losses[-1][1]
+    if "distil_swapped" not in values:
+        return None
+    own, swapped = values["distil"], values["distil_swapped"]
+    return 1.0 - own / swapped if swapped > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,12 +423,12 @@ def sample_columns(module: DistilModule, clap: torch.Tensor, text: torch.Tensor,
     audio tokens of ``clap [n, 512]``), neutral prompt alone; the same seeded noise, DDIM with CFG
     ``guidance`` (uncond: the neutral prompt; the student's with the silence tokens, as ComfyUI's)."""
     n, size = clap.shape[0], module.distil.latent_size
-    channels = module.frozen.unet.config.in_channels
+    channels = module.unet.in_channels
     noise = torch.randn((n, channels, size, size), generator=torch.Generator().manual_seed(seed)).to(clap.device)
     neutral = module.neutral.expand(n, -1, -1)
     audio = module.tokens(clap, temperature)
     silence = module.model.silence_tokens(temperature).expand(n, -1, -1)
-    grid = ddim_grid(steps, module.frozen.scheduler.config.num_train_timesteps).to(clap.device)
+    grid = ddim_grid(steps, module.alphas.shape[0]).to(clap.device)
     alphas = module.alphas
     out = []
     for column in ("teacher", "student", "neutral"):
@@ -342,7 +437,7 @@ def sample_columns(module: DistilModule, clap: torch.Tensor, text: torch.Tensor,
             t = grid[k].expand(2 * n)
             xx = torch.cat([x, x])
             if column == "student":
-                with module.frozen.hook.audio(torch.cat([silence, audio]), module.model.projector.token_levels):
+                with module.unet.audio(torch.cat([silence, audio]), module.model.projector.token_levels):
                     u, c = module._unet(xx, t, torch.cat([neutral, neutral])).chunk(2)
             else:
                 teacher = column == "teacher"
@@ -363,12 +458,10 @@ def grid_image(images: torch.Tensor) -> torch.Tensor:
     return ((images.permute(2, 1, 3, 0, 4).reshape(c, n * h, columns * w) + 1) / 2).clamp(0, 1)
 
 
-def validation_grid(module: DistilModule, captions: CaptionSet, decoder, temperature: float, folder: Path,
-                    step: int) -> tuple[Path, torch.Tensor]:
-    """Sample and write ``folder/step-<n>.png`` (and ``captions.json`` naming its rows); returns the
-    path and the ``[3, H, W]`` image in [0, 1]."""
-    from PIL import Image
-
+def grid_pixels(module: DistilModule, captions: CaptionSet, decoder: Callable[[torch.Tensor], torch.Tensor],
+                temperature: float) -> torch.Tensor:
+    """The validation grid of the first ``grid_captions`` held-out captions as a ``[3, H, W]`` image in
+    [0, 1]; ``decoder`` maps latents ``[n, 4, s, s]`` to pixels ``[n, 3, 8s, 8s]`` in [-1, 1]."""
     d = module.distil
     rows = captions.heldout[:d.grid_captions]
     device = module.neutral.device
@@ -382,7 +475,18 @@ def validation_grid(module: DistilModule, captions: CaptionSet, decoder, tempera
     finally:
         module.train(was_training)
     pixels = decoder(latents.flatten(0, 1)).float().cpu()
-    image = grid_image(pixels.view(3, len(rows), *pixels.shape[1:]))
+    return grid_image(pixels.view(3, len(rows), *pixels.shape[1:]))
+
+
+def validation_grid(module: DistilModule, captions: CaptionSet, decoder, temperature: float, folder: Path,
+                    step: int) -> tuple[Path, torch.Tensor]:
+    """Sample and write ``folder/step-<n>.png`` (and ``captions.json`` naming its rows); returns the
+    path and the ``[3, H, W]`` image in [0, 1]."""
+    from PIL import Image
+
+    d = module.distil
+    rows = captions.heldout[:d.grid_captions]
+    image = grid_pixels(module, captions, decoder, temperature)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.png"
     array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")

@@ -11,8 +11,10 @@ CLAP) at 64 px, in a couple of minutes:
 Figures: ``distil_loss_first`` / ``distil_loss_last`` (the fixed training batch: same captions,
 states and timesteps), ``heldout_gain`` (:func:`.distil.heldout_gain`: on captions neither the
 text fit nor the distillation saw, the share of the text's effect on the noise prediction the audio
-reproduces), ``gate_abs_mean``, the validation grids' pixel differences, and ``ok`` when the loss
-falls, the gain is positive and the gates have opened.
+reproduces), ``heldout_specific_gain`` (:func:`.distil.heldout_specific_gain`: how much closer the
+student gets to caption i's teacher with caption i's audio than with another held-out caption's),
+``gate_abs_mean``, the validation grids' pixel differences, and ``ok`` when the loss falls, both
+gains are positive and the gates have opened.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from typing import Any
 import yaml
 
 from ..checkpoint import load_checkpoint, save_checkpoint
+from .captions import build_corpus
 from .config import CONFIG_DIR, load_config, merge_trees
-from .distil import grid_difference, heldout_gain, split_corpus
+from .distil import grid_difference, heldout_gain, heldout_specific_gain, split_corpus
 from .trainer import train_stage
 
 #: The text fit's settings for the smoke: a small projector, a few dozen steps.
@@ -46,7 +49,6 @@ def smoke_config_tree(out: Path, sd15: str, clap: str, init_from: str | None,
 def text_fit_for(config_tree: dict[str, Any], sd15: str, clap: str, path: Path) -> Path:
     """A short text fit on the distillation's *training* captions -> a stage-1 file at ``path``."""
     from ..clap import load_clap_tower
-    from .captions import build_corpus
     from .encoders import load_text_encoder
     from .textfit import TextFitConfig, fit_from_captions
 
@@ -64,6 +66,54 @@ def text_fit_for(config_tree: dict[str, Any], sd15: str, clap: str, path: Path) 
     return path
 
 
+def reading_clap(clap: str, sd15: str, captions: list[str], out: Path, common: float = 1.0, seed: int = 0) -> Path:
+    """A copy of the CLAP folder ``clap`` whose text head reads what the checkpoint's CLIP reads.
+
+    The random test CLAP puts every caption within cosine 0.999 of every other: no caption-specific
+    signal for a student to carry, so a caption-specific figure could only be noise. So, as for the
+    text fit's aligned test CLAP, the last layer of its text projection is solved (least squares,
+    float64, minimum norm) so that caption ``i`` lands on ``unit(common * u + unit(P m_i))``: ``u``
+    one shared direction (a real CLAP's text cloud is far from isotropic), ``m_i`` the caption's
+    centred CLIP token mean, ``P`` a fixed random map. Held-out captions are solved too: their CLAP
+    embedding is a function of their words, as in a real CLAP, which is what lets a distilled
+    adapter generalise to them. Everything else in the folder is the test CLAP's.
+    """
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file, save_file
+
+    from ..clap import load_clap
+    from .encoders import load_text_encoder
+
+    encoder = load_clap(clap)
+    layer = encoder.model.text_projection.linear2
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, args, _o: captured.append(args[0].detach().double()))
+    try:
+        encoder.encode_text(captions)
+    finally:
+        handle.remove()
+    features = torch.cat(captured)
+    means = load_text_encoder(sd15).pooled(captions).double()
+    gen = torch.Generator().manual_seed(seed)
+    projection = torch.randn(means.shape[1], layer.out_features, generator=gen, dtype=torch.float64)
+    shared = F.normalize(torch.randn(layer.out_features, generator=gen, dtype=torch.float64), dim=0)
+    anchors = F.normalize(common * shared + F.normalize((means - means.mean(0)) @ projection, dim=-1), dim=-1)
+    x = torch.cat([features, torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.pinv(x) @ anchors  # [in + 1, out]
+    out.mkdir(parents=True, exist_ok=True)
+    for item in Path(clap).iterdir():
+        if item.is_file() and item.name != "model.safetensors":
+            shutil.copy(item, out / item.name)
+    weights = load_file(str(Path(clap) / "model.safetensors"))
+    weights["text_projection.linear2.weight"] = solution[:-1].T.float().contiguous()
+    weights["text_projection.linear2.bias"] = solution[-1].float().contiguous()
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 def run_distil_smoke(out_dir: str | os.PathLike, sd15: str, clap: str, *, overrides: dict[str, Any] | None = None,
                      resume: str | None = None, progress: bool = True) -> dict[str, Any] | None:
     """Run the smoke in ``out_dir`` (``textfit/``, ``run/distil/``); the figures on the main process
@@ -74,7 +124,13 @@ def run_distil_smoke(out_dir: str | os.PathLike, sd15: str, clap: str, *, overri
     start = time.perf_counter()
     out = Path(out_dir)
     textfit = out / "textfit" / "audio_projector_textfit.safetensors"
-    tree = smoke_config_tree(out / "run", sd15, clap, str(textfit), overrides)
+    reading = out / "clap-reading-clip"
+    tree = smoke_config_tree(out / "run", sd15, str(reading), str(textfit), overrides)
+    if state.is_main_process and not (reading / "model.safetensors").exists():
+        d = load_config("distil", extra=tree).distil
+        reading_clap(clap, sd15, [c.text for c in build_corpus(d.corpus_size, d.corpus_seed)], reading)
+    state.wait_for_everyone()
+    clap = str(reading)
     if state.is_main_process and not textfit.exists():
         text_fit_for(tree, sd15, clap, textfit)
     state.wait_for_everyone()
@@ -93,6 +149,8 @@ def run_distil_smoke(out_dir: str | os.PathLike, sd15: str, clap: str, *, overri
         "heldout_loss_first": round(result.heldout_losses[0][1]["distil"], 6),
         "heldout_loss_last": round(result.heldout_losses[-1][1]["distil"], 6),
         "heldout_gain": round(heldout_gain(result.heldout_losses), 4),
+        "heldout_specific_gain": round(heldout_specific_gain(result.heldout_losses), 4),
+        "heldout_swapped_loss_last": round(result.heldout_losses[-1][1]["distil_swapped"], 6),
         "heldout_captions": config.distil.heldout,
         "gate_abs_mean": round(float(gates.abs().mean()), 5),
         "steps": config.steps,
@@ -100,6 +158,7 @@ def run_distil_smoke(out_dir: str | os.PathLike, sd15: str, clap: str, *, overri
                   for step, path in result.grids},
         "file": str(result.file),
         "init_from": str(textfit),
+        "clap": clap,
         "processes": state.num_processes,
         "seconds_text_fit": round(fit_seconds, 1),
         "seconds_distil": round(result.seconds, 1),
@@ -108,6 +167,7 @@ def run_distil_smoke(out_dir: str | os.PathLike, sd15: str, clap: str, *, overri
     figures["checks"] = {
         "loss_falls": last < first,
         "heldout_gain_positive": figures["heldout_gain"] > 0,
+        "heldout_specific_gain_positive": figures["heldout_specific_gain"] > 0,
         "gates_open": figures["gate_abs_mean"] > 1e-4,
     }
     figures["ok"] = all(figures["checks"].values())

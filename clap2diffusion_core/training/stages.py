@@ -30,6 +30,7 @@ from ..model import BASE_FAMILIES, CLAP2DiffusionModel, ModelConfig
 from ..projector import ProjectorConfig
 from . import losses
 from .config import StageConfig
+from .distil import final_model  # noqa: F401 (the trainer's import)
 from .distributed import gather_rows
 from .encoders import CONFIG_DIR
 
@@ -131,15 +132,6 @@ def build_model(config: StageConfig, frozen: FrozenUNet | None) -> CLAP2Diffusio
     for name, module in model.named_children():
         module.requires_grad_(name in config.model.train)
     return model
-
-
-def final_model(model: CLAP2DiffusionModel, temperature: float) -> CLAP2DiffusionModel:
-    """A copy of ``model`` whose config carries the temperature training ended at, so the ComfyUI
-    nodes decompose at the temperature the weights were trained for."""
-    decomposer = dataclasses.replace(model.config.decomposer, temperature=float(temperature))
-    out = CLAP2DiffusionModel(dataclasses.replace(model.config, decomposer=decomposer))
-    out.load_state_dict(model.state_dict())
-    return out.eval()
 
 
 class StageModule(nn.Module):

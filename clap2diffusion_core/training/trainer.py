@@ -34,6 +34,7 @@ from ..checkpoint import STAGE_FILE_NAMES, save_checkpoint
 from ..levels import LEVELS
 from .config import StageConfig
 from .features import FeatureCache, FeatureDataset
+from .loop import Progress, batch_stream, evaluate_batches, fixed_batches, train_steps
 from .sampling import StreamBatchSampler, step_generator
 from .schedules import build_lr_scheduler
 from .stages import StageModule, build_model, final_model, load_frozen_unet
@@ -57,19 +58,6 @@ class TrainResult:
     #: Validation grids written (the distillation only): ``(step, png path)``.
     grids: list[tuple[int, Path]] = field(default_factory=list)
     seconds: float = 0.0
-
-
-@dataclass
-class Progress:
-    """The optimizer step, saved with every checkpoint (accelerate ``register_for_checkpointing``)."""
-
-    step: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
 
 
 def use_cpu() -> bool:
@@ -194,7 +182,7 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
     distil = config.objective == "distil"
     captions = None
     if distil:
-        from .distil import encode_captions
+        from .distil_diffusers import encode_captions
 
         captions = encode_captions(config)  # every process encodes the corpus: deterministic, cheap
         dataset = captions.dataset(captions.train)
@@ -212,8 +200,10 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
         frozen.hook = attach_audio_adapter(frozen.unet, model.adapter)
     if distil:
         from .distil import DistilModule
+        from .distil_diffusers import DiffusersDistilUNet
 
-        module = DistilModule(model, config, frozen, captions.neutral, captions.neutral_pooled).to(device)
+        module = DistilModule(model, config, DiffusersDistilUNet(frozen), captions.neutral,
+                              captions.neutral_pooled).to(device)
     else:
         empty = FeatureCache(config.data.cache).empty_caption() if config.loss.text_dropout else None
         module = StageModule(model, config, frozen, empty).to(device)
@@ -232,28 +222,20 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
         accelerator.print(f"{config.name}: resumed from {checkpoint} at step {state.step}")
     stop = min(config.steps, config.stop_at or config.steps)
 
-    sampler = StreamBatchSampler(len(dataset), config.data.batch_size, config.seed, rank, world,
-                                 start=state.step * accum)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
-                                         pin_memory=device.type == "cuda")
-    batches = iter(loader)
+    batches = batch_stream(dataset, config.data.batch_size, config.seed, (rank, world), start=state.step * accum,
+                           num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
     unwrapped: StageModule = accelerator.unwrap_model(module)
 
     # The same examples, noise and timesteps every time: a loss curve free of sampling noise. The
     # distillation also evaluates every held-out caption (in batches of eval_batch_size).
-    def fixed_batches(data, rows: range, seed: int) -> list[dict[str, torch.Tensor]]:
-        out = []
-        for start in range(rows.start, rows.stop, config.eval_batch_size):
-            items = [data[i] for i in range(start, min(rows.stop, start + config.eval_batch_size))]
-            batch = {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
-            batch.update(unwrapped.draw(batch, torch.Generator().manual_seed(seed + start), evaluation=True))
-            out.append(_to_device(batch, device))
-        return out
+    def fixed(data, rows: range, seed: int) -> list[dict[str, torch.Tensor]]:  # noqa: ANN001
+        return fixed_batches(data, rows, seed, config.eval_batch_size, unwrapped.draw, device)
 
-    fixed_sets = {"fixed_batch": fixed_batches(dataset, range(min(config.eval_batch_size, len(dataset))), config.seed)}
+    fixed_sets = {"fixed_batch": fixed(dataset, range(min(config.eval_batch_size, len(dataset))), config.seed)}
     if distil:
-        heldout = captions.dataset(captions.heldout)
-        fixed_sets["heldout"] = fixed_batches(heldout, range(len(heldout)), config.seed + 1)
+        # + the held-out specific gain's swap (it needs two held-out captions)
+        heldout = captions.dataset(captions.heldout, derange=len(captions.heldout) >= 2)
+        fixed_sets["heldout"] = fixed(heldout, range(len(heldout)), config.seed + 1)
     decoder = None
     if distil and config.distil.grid_every > 0 and accelerator.is_main_process:
         from ..sdxl import SDXL_LATENT_SCALE
@@ -262,22 +244,13 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
         scale = SDXL_LATENT_SCALE if frozen.family == "sdxl" else SD15_LATENT_SCALE
         decoder = load_latent_decoder(config.sd15, scale).to(device)
 
-    @torch.no_grad()
     def evaluate(step: int) -> None:
-        unwrapped.eval()
         for name, batches in fixed_sets.items():
-            sums, rows = {}, 0
-            for batch in batches:
-                with accelerator.autocast():
-                    loss, terms, _ = unwrapped(batch, config.temperature(step))
-                n = next(iter(batch.values())).shape[0]
-                for k, v in ({"loss": loss} | terms).items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
-                rows += n
-            values = {k: v / rows for k, v in sums.items()}
+            values = evaluate_batches(unwrapped, batches, config.temperature(step), accelerator.autocast)
+            if values.get("distil_swapped", 0.0) > 0:  # the audio's caption-specific share (distil.py)
+                values["specific_gain"] = 1.0 - values["distil"] / values["distil_swapped"]
             (result.heldout_losses if name == "heldout" else result.fixed_losses).append((step, values))
             accelerator.log({f"eval/{name}_{k}": v for k, v in values.items()}, step=step)
-        unwrapped.train()
 
     def grid(step: int) -> None:
         from .distil import validation_grid
@@ -300,47 +273,36 @@ def train_stage(config: StageConfig, resume: str | None = None, progress: bool =
 
     bar = tqdm(total=config.steps, initial=state.step, desc=config.name, unit="step",
                disable=not (progress and accelerator.is_local_main_process), dynamic_ncols=True)
-    while state.step < stop:
-        temperature = config.temperature(state.step)
-        sums: dict[str, torch.Tensor] = {}
-        for micro in range(accum):
-            batch = next(batches)
-            # Drawn for the global batch from one generator, then sliced: N processes == 1 process.
-            batch.update(unwrapped.draw(batch, step_generator(config.seed, state.step, micro, 0), (rank, world)))
-            batch = _to_device(batch, device)
-            with accelerator.accumulate(module):
-                loss, terms, stats = module(batch, temperature)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.optim.max_grad_norm > 0:
-                    sums["grad_norm"] = accelerator.clip_grad_norm_(params, config.optim.max_grad_norm).detach()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in {"loss": loss, **terms}.items():
-                sums[key] = sums.get(key, 0.0) + value.detach() / accum
-        if not accelerator.sync_gradients:
-            raise RuntimeError("gradient accumulation out of step with the optimizer step")
-        lr_scheduler.step()
-        state.step += 1
-        bar.update(1)
 
-        if state.step % config.log_every == 0 or state.step == stop:
+    def after_step(step: int, sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], temperature: float) -> None:
+        bar.update(1)
+        if step % config.log_every == 0 or step == stop:
             reduced = {k: accelerator.reduce(v.float(), "mean") for k, v in sums.items() if k != "grad_norm"}
             logs = _scalars("train/", reduced) | _scalars("", stats)
             logs.update({"train/temperature": temperature, "train/lr": lr_scheduler.get_last_lr()[0]})
             if "grad_norm" in sums:
                 logs["train/grad_norm"] = float(sums["grad_norm"])
-            accelerator.log(logs, step=state.step)
+            accelerator.log(logs, step=step)
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}", T=f"{temperature:.2f}")
-        if state.step % config.eval_every == 0 or state.step == config.steps:
-            evaluate(state.step)
-        if grid_every and (state.step % grid_every == 0 or state.step == config.steps):
-            grid(state.step)
-        if state.step % config.checkpoint_every == 0 or state.step == stop:
-            _save(accelerator, config, unwrapped, state.step)
+        if step % config.eval_every == 0 or step == config.steps:
+            evaluate(step)
+        if grid_every and (step % grid_every == 0 or step == config.steps):
+            grid(step)
+        if step % config.checkpoint_every == 0 or step == stop:
+            _save(accelerator, config, unwrapped, step)
+
+    train_steps(module, unwrapped, batches, optimizer, lr_scheduler, state, stop, seed=config.seed, accumulation=accum,
+                max_grad_norm=config.optim.max_grad_norm, temperature=config.temperature, backend=accelerator,
+                device=device, part=(rank, world), on_step=after_step)
     bar.close()
 
     if state.step >= config.steps and accelerator.is_main_process:
-        save_checkpoint(final_model(unwrapped.model, config.temperature(config.steps)), result.file)
+        final = final_model(unwrapped.model, config.temperature(config.steps))
+        if distil:  # SDXL files: the pooled head fitted again to the distilled decomposer (distil.py)
+            from .distil import refit_pooled_head
+
+            final = refit_pooled_head(final.to(device), captions, config.temperature(config.steps), device=device)
+        save_checkpoint(final, result.file)
         accelerator.print(f"{config.name}: wrote {result.file}")
     accelerator.wait_for_everyone()
     # Not end_training(): it also destroys the process group, which the next stage still needs.
