@@ -17,7 +17,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=int, default=64)
     args = parser.parse_args(argv)
 
-    import comfy_pack  # tests/comfy_pack.py: the pack's modules as ComfyUI imports them
-
+    from tools import pack_modules as comfy_pack  # the pack's modules as ComfyUI imports them
     from tools import test_models as tm
 
     models = tm.build_all()
