@@ -18,7 +18,7 @@ import folder_paths
 import torch
 from PIL import Image
 
-from ..clap2diffusion_core.checkpoint import load_checkpoint, save_checkpoint
+from ..clap2diffusion_core.checkpoint import save_checkpoint
 from ..clap2diffusion_core.errors import CheckpointError, ModelMismatchError
 from ..clap2diffusion_core.model import CLAP2DiffusionModel
 from ..clap2diffusion_core.training.captions import (
@@ -36,6 +36,7 @@ from .api import io, ui
 from .clap_nodes import ClapModelHandle
 from .distil_unet import ComfyDistilUNet, adapter_config_of, model_family, text_kv_of
 from .fit_nodes import clip_fingerprint, sd15_states, sdxl_states, text_encoder_family
+from .managed import load_managed
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class DistilAudioAdapter(io.ComfyNode):
         existing = folder_paths.get_full_path("clap2diffusion", name)
         if existing is not None:
             log.info("Distil Audio Adapter: reused %s (%.2f s)", name, time.perf_counter() - start)
-            return io.NodeOutput(load_checkpoint(existing, device="cpu"))
+            return io.NodeOutput(load_managed(existing))
         folder = Path(folder_paths.get_folder_paths("clap2diffusion")[0])
         folder.mkdir(parents=True, exist_ok=True)
         resume = folder / f"{stem}.resume"
@@ -226,7 +227,7 @@ class DistilAudioAdapter(io.ComfyNode):
                  "captions) loss %.5f -> %.5f, heldout_gain %.4f, heldout_specific_gain %.4f",
                  steps, result.resumed_from, path, time.perf_counter() - start, last_loss[0], heldout,
                  first["distil"], last["distil"], gain, heldout_specific_gain(result.heldout) or 0.0)
-        out = load_checkpoint(path, device="cpu")
+        out = load_managed(path)
         if previews:
             return io.NodeOutput(out, ui=ui.PreviewImage(previews[-1].permute(1, 2, 0)[None], cls=cls))
         return io.NodeOutput(out)

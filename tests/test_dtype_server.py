@@ -7,7 +7,7 @@ prompt with a plain twin (same seed, no sound), and checks that it finishes, tha
 picture (not NaN-black), that the sound changed it, and that the CLAP2Diffusion file was stored in
 the server's dtype (half the bytes of float32).
 
-:data:`PATHS` is a table: a new path (e.g. distillation, once its node exists) is one more row.
+:data:`PATHS` is a table: a new path is one more row.
 """
 
 from __future__ import annotations
@@ -87,12 +87,32 @@ def textfit(g: Graph, ckpt: NodeRef, positive: list) -> tuple[list, list, int]:
     return ckpt[0], applied.out, 1
 
 
-#: The dtype lanes' table (path name -> graph). Distillation ("Distil Audio Adapter") is one more row.
+def distillation(g: Graph, ckpt: NodeRef, positive: list) -> tuple[list, list, int]:
+    """Fit Audio Projector (from text) -> Distil Audio Adapter (2 steps on the server's fp16/bf16 UNet,
+    64 px) -> Apply Audio to Model with the distilled file."""
+    clap = g.node("C2D_ClapLoader", clap_name=CLAP)
+    fit = g.node("C2D_FitAudioProjectorFromText", clip=ckpt[1], clap_model=clap.out, corpus_size=4, steps=2,
+                 seed=0, extra_captions="thunder over the sea")
+    distilled = g.node("C2D_DistilAudioAdapter", model=ckpt[0], clip=ckpt[1], clap_model=clap.out,
+                       clap2diffusion=fit.out, steps=2, batch_size=2, learning_rate=1e-4, resolution=64, seed=0,
+                       corpus_size=16, preview_every=0, extra_captions="")
+    audio = g.node("C2D_LoadAudio", audio="thunder.wav")
+    embeds = g.node("C2D_ClapEncode", clap_model=clap.out, audio=audio.out, window_mode="first")
+    levels = g.node("C2D_HierarchicalDecompose", clap2diffusion=distilled.out, clap_embeds=embeds.out,
+                    foreground=1.0, background=1.0, ambience=1.0)
+    tokens = g.node("C2D_AudioProject", audio_levels=levels.out, clap2diffusion=distilled.out)
+    patched = g.node("C2D_ApplyAudioToModel", model=ckpt[0], audio_tokens=tokens.out, clap2diffusion=distilled.out,
+                     strength=1.0, start_percent=0.0, end_percent=1.0)
+    return patched.out, positive, 1
+
+
+#: The dtype lanes' table (path name -> graph).
 PATHS: dict[str, Path] = {
     "conditioning": conditioning,
     "model": model,
     "frames": frames,
     "textfit": textfit,
+    "distillation": distillation,
 }
 
 
