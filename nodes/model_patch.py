@@ -299,8 +299,9 @@ class AudioInjection:
         return out
 
     def outer_sample(self, executor: Any, noise: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """OUTER_SAMPLE wrapper: per-frame tokens must have one row per latent, checked before the
-        first step (the latent batch is first known here)."""
+        """OUTER_SAMPLE wrapper, before the first step: the guider must number its prompts as KSampler
+        does, and per-frame tokens must have one row per latent (the latent batch is first known here)."""
+        check_guider(getattr(executor, "class_obj", None))
         rows = self.kv.num_rows
         if rows > 1 and not getattr(noise, "is_nested", False) and noise.shape[0] != rows:
             raise frame_mismatch(rows, noise.shape[0])
@@ -383,6 +384,26 @@ class AudioAttn2Patch:
     def __repr__(self) -> str:
         inner = type(self.inner).__name__ if self.inner is not None else None
         return f"AudioAttn2Patch(layer={self.injection.keys[self.slot]}, inner={inner})"
+
+
+#: The prompts of guiders whose ``cond_or_uncond`` numbering the patch knows: positive 0, negative 1
+#: (KSampler's CFGGuider, BasicGuider).
+KNOWN_PROMPTS = frozenset({"positive", "negative"})
+
+
+def check_guider(guider: Any) -> None:
+    """Refuse, before sampling, a guider with prompts beyond positive and negative (DualCFGGuider's
+    ``middle``, Perp-Neg's empty prompt): it numbers its prompts its own way, and the audio would
+    silently reach the wrong ones (DualCFGGuider: its negative and cond1, not cond2)."""
+    conds = getattr(guider, "conds", None)
+    if not isinstance(conds, dict) or set(conds) <= KNOWN_PROMPTS:
+        return
+    raise ModelMismatchError(
+        f"Apply Audio to Model: the sampler's guider ({type(guider).__name__}) runs the prompts "
+        f"{sorted(conds)}, and the audio attention can only tell a positive prompt from a negative one. "
+        "With this guider, add the sound to a prompt instead: Apply Audio to Conditioning on cond1 "
+        "(see the audio_guidance example), and sample from the plain MODEL."
+    )
 
 
 def _keys(keys: Sequence[LayerKey]) -> str:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphs import CHECKPOINT, audio_tokens, pixels
+from graphs import CHECKPOINT, STAGE3, audio_tokens, model_of, pixels
 
-from tools.comfy_server import ComfyClient, Graph
+from tools.comfy_server import ComfyClient, ExecutionFailed, Graph, NodeRef
 
 SIZE, STEPS = 64, 2
 # (name, audio strength, cfg_conds, cfg_cond2_negative)
@@ -78,3 +78,44 @@ def test_audio_guidance_cfg_conds_leaves_the_image_bit_identical_at_strength_0(
     assert np.abs(images["silent_cfg8_text3"] - images["silent_cfg8"]).mean() > 1.0
     # ...and the sound, once on, does too.
     assert np.abs(images["sound_cfg8"] - images["silent_cfg8"]).mean() > 1.0
+
+
+
+def patched_model(g: Graph) -> tuple[NodeRef, list, list, list]:
+    """Checkpoint, prompt, negative and the MODEL through Apply Audio to Model (stage-3 file)."""
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    text = g.node("CLIPTextEncode", clip=ckpt[1], text="a beach").out
+    negative = g.node("CLIPTextEncode", clip=ckpt[1], text="").out
+    tokens = audio_tokens(g, "thunder.wav", clap2diffusion=STAGE3)
+    patched = g.node("C2D_ApplyAudioToModel", model=ckpt[0], audio_tokens=tokens.out,
+                     clap2diffusion=model_of(g, tokens), strength=1.0, start_percent=0.0, end_percent=1.0).out
+    return ckpt, text, negative, patched
+
+
+def test_audio_guidance_apply_audio_to_model_under_dualcfgguider_is_refused_before_sampling(
+    comfy: ComfyClient,
+) -> None:
+    """DualCFGGuider numbers its prompts negative 0, cond2 1, cond1 2; Apply Audio to Model tells rows
+    by KSampler's numbering (positive 0, negative 1), so the sound would silently reach the negative
+    and cond1. The OUTER_SAMPLE check refuses it before the first step, naming the guider, its prompts
+    and the way that works; the same patched MODEL then samples under KSampler on the same server."""
+    g = Graph()
+    ckpt, text, negative, patched = patched_model(g)
+    guider = g.node("DualCFGGuider", model=patched, cond1=text, cond2=text, negative=negative,
+                    cfg_conds=8.0, cfg_cond2_negative=7.0, style="regular").out
+    sampled = g.node("SamplerCustomAdvanced", noise=g.node("RandomNoise", noise_seed=1).out, guider=guider,
+                     sampler=g.node("KSamplerSelect", sampler_name="euler").out,
+                     sigmas=g.node("BasicScheduler", model=patched, scheduler="normal", steps=1, denoise=1.0).out,
+                     latent_image=g.node("EmptyLatentImage", width=SIZE, height=SIZE, batch_size=1).out)
+    g.node("SaveImage", images=g.node("VAEDecode", samples=sampled[0], vae=ckpt[2]).out, filename_prefix="c2d_dual")
+    with pytest.raises(ExecutionFailed,
+                       match=r"Guider_DualCFG.*\['middle', 'negative', 'positive'\].*Apply Audio to Conditioning"):
+        comfy.run(g.prompt(), timeout=600)
+
+    g = Graph()
+    ckpt, text, negative, patched = patched_model(g)
+    sampled = g.node("KSampler", model=patched, seed=1, steps=1, cfg=7.0, sampler_name="euler", scheduler="normal",
+                     positive=text, negative=negative, denoise=1.0,
+                     latent_image=g.node("EmptyLatentImage", width=SIZE, height=SIZE, batch_size=1).out)
+    g.node("SaveImage", images=g.node("VAEDecode", samples=sampled.out, vae=ckpt[2]).out, filename_prefix="c2d_ks")
+    assert len(comfy.run(g.prompt(), timeout=600)) == 1
