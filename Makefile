@@ -45,9 +45,10 @@ test-slow: $(STAMP)  ## only the real-server tests
 
 # Another ComfyUI (e.g. 0.33, whose requirements pin frontend 1.49.6) in a venv of its own, so .venv and
 # .comfyui stay as they are: its requirements are installed once per ComfyUI path, then every real-server
-# module runs against it and a table of passed/failed/skipped per module is printed (out/test-newer.xml).
+# module runs against it and a table of passed/failed/skipped per module is printed (NEWER_XML).
 NEWER_VENV  := .venv-newer
 NEWER_STAMP := $(NEWER_VENV)/.clap2diffusion-setup
+NEWER_XML   ?= out/test-newer.xml
 
 test-newer:  ## the real-server tests on COMFYUI_PATH=/path/to/ComfyUI, in .venv-newer (own venv)
 	@[[ -n "$(COMFYUI_PATH)" && -f "$(COMFYUI_PATH)/main.py" ]] || \
@@ -57,8 +58,8 @@ test-newer:  ## the real-server tests on COMFYUI_PATH=/path/to/ComfyUI, in .venv
 		C2D_VENV=$(NEWER_VENV) COMFYUI_PATH="$(COMFYUI_PATH)" bash tools/setup.sh && echo "$$want" > $(NEWER_STAMP); \
 	fi
 	@mkdir -p out
-	COMFYUI_PATH="$(COMFYUI_PATH)" $(NEWER_VENV)/bin/python -m pytest -m slow --junitxml=out/test-newer.xml $(PYTEST_ARGS); \
-	rc=$$?; $(NEWER_VENV)/bin/python tools/module_table.py out/test-newer.xml; exit $$rc
+	COMFYUI_PATH="$(COMFYUI_PATH)" $(NEWER_VENV)/bin/python -m pytest -m slow --junitxml=$(NEWER_XML) $(PYTEST_ARGS); \
+	rc=$$?; $(NEWER_VENV)/bin/python tools/module_table.py $(NEWER_XML); exit $$rc
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .

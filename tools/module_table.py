@@ -1,9 +1,9 @@
 """Passed / failed / skipped per test module, from pytest's JUnit XML (``make test-newer`` prints it).
 
-    python tools/module_table.py out/test-newer.xml
+    python tools/module_table.py out/test-newer.xml [out/test-newer-sdxl.xml ...]
 
-Prints a Markdown table, one row per module, and a total row. Errors (a fixture that failed)
-count as failed.
+Prints a Markdown table, one row per module (several files: their runs added up), and a total
+row. Errors (a fixture that failed) count as failed.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from pathlib import Path
 COLUMNS = ("passed", "failed", "skipped")
 
 
-def module_counts(xml_path: Path) -> dict[str, collections.Counter]:
+def module_counts(*xml_paths: Path) -> dict[str, collections.Counter]:
     """``{"tests/test_x.py": Counter(passed=.., failed=.., skipped=..), ...}`` in file order."""
     counts: dict[str, collections.Counter] = {}
-    for case in ET.parse(xml_path).getroot().iter("testcase"):
+    cases = [case for path in xml_paths for case in ET.parse(path).getroot().iter("testcase")]
+    for case in cases:
         # classname is "tests.test_x" or "tests.test_x.TestClass"
         parts = case.get("classname", "").split(".")
         module = "/".join(parts[:2]) + ".py" if len(parts) >= 2 else case.get("classname", "?")
@@ -46,12 +47,13 @@ def table(counts: dict[str, collections.Counter]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("xml", type=Path, help="pytest --junitxml output")
+    parser.add_argument("xml", type=Path, nargs="+", help="pytest --junitxml output(s)")
     args = parser.parse_args(argv)
-    if not args.xml.is_file():
-        print(f"{args.xml}: no such file (did pytest run?)", file=sys.stderr)
+    missing = [str(path) for path in args.xml if not path.is_file()]
+    if missing:
+        print(f"{', '.join(missing)}: no such file (did pytest run?)", file=sys.stderr)
         return 1
-    print(table(module_counts(args.xml)))
+    print(table(module_counts(*args.xml)))
     return 0
 
 
