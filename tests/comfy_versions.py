@@ -12,6 +12,10 @@ from pathlib import Path
 #: ``comfy.utils.deepcopy_list_dict``: dicts and lists are copied, anything else is shared). Up to 0.13
 #: a clone deep-copied them, patch objects included.
 SHARED_PATCH_OBJECTS_SINCE = (0, 14, 0)
+#: The ComfyUI `make setup` installs, on whose ``/object_info`` tools/make_workflows.py writes the
+#: example workflows (byte for byte). Another version may draw core nodes differently (0.33: SaveImage
+#: has an IMAGE output), so there only what the files queue is compared.
+WORKFLOWS_MADE_ON = "0.3.75"
 
 
 def parse_version(text: str) -> tuple[int, ...]:
