@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 BENCH_ARGS  ?=
 
-.PHONY: help setup models test test-quick test-slow lint demo train-smoke distil-smoke bench pictures clean-models FORCE
+.PHONY: help setup models test test-quick test-slow test-newer lint demo train-smoke distil-smoke bench pictures clean-models FORCE
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,24 @@ test-quick: $(STAMP)  ## everything but the real-server tests (-m "not slow")
 
 test-slow: $(STAMP)  ## only the real-server tests
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Another ComfyUI (e.g. 0.33, whose requirements pin frontend 1.49.6) in a venv of its own, so .venv and
+# .comfyui stay as they are: its requirements are installed once per ComfyUI path, then every real-server
+# module runs against it and a table of passed/failed/skipped per module is printed (NEWER_XML).
+NEWER_VENV  := .venv-newer
+NEWER_STAMP := $(NEWER_VENV)/.clap2diffusion-setup
+NEWER_XML   ?= out/test-newer.xml
+
+test-newer:  ## the real-server tests on COMFYUI_PATH=/path/to/ComfyUI, in .venv-newer (own venv)
+	@[[ -n "$(COMFYUI_PATH)" && -f "$(COMFYUI_PATH)/main.py" ]] || \
+		{ echo "usage: make test-newer COMFYUI_PATH=/path/to/ComfyUI (a checkout with main.py)" >&2; exit 2; }
+	@want="$$(cd "$(COMFYUI_PATH)" && pwd) $$(cat tools/setup.sh requirements*.txt "$(COMFYUI_PATH)/requirements.txt" | md5sum)"; \
+	if [[ "$$(cat $(NEWER_STAMP) 2>/dev/null)" != "$$want" ]]; then \
+		C2D_VENV=$(NEWER_VENV) COMFYUI_PATH="$(COMFYUI_PATH)" bash tools/setup.sh && echo "$$want" > $(NEWER_STAMP); \
+	fi
+	@mkdir -p out
+	COMFYUI_PATH="$(COMFYUI_PATH)" $(NEWER_VENV)/bin/python -m pytest -m slow --junitxml=$(NEWER_XML) $(PYTEST_ARGS); \
+	rc=$$?; $(NEWER_VENV)/bin/python tools/module_table.py $(NEWER_XML); exit $$rc
 
 lint: $(STAMP)  ## ruff, then comfy-test's static levels (syntax and javascript)
 	$(PY) -m ruff check .

@@ -340,7 +340,7 @@ class AudioInjection:
         )
 
     def __deepcopy__(self, memo: dict) -> AudioInjection:
-        return self  # shared by clones; ModelPatcher.clone() deep-copies model_options
+        return self  # shared by clones (ComfyUI <= 0.13 deep-copies model_options on clone; 0.14+ shares objects)
 
     def __repr__(self) -> str:
         return f"AudioInjection(layers={len(self.keys)}, percent={self.start_percent}..{self.end_percent})"

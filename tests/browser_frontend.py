@@ -12,6 +12,11 @@ browser is the system's chromium (``apt-get install chromium``, done by tools/se
 Everything happens in the page the way a user's clicks would do it: the template JSON comes from
 the server's template route, ``app.loadGraphData`` opens it (as the template browser does), widget
 values change through the LiteGraph node API, and the Run button queues the graph.
+
+Frontends draw their UI differently (1.32 PrimeVue dialogs; 1.49 and 1.58 a ``div[role=dialog]``,
+an "N errors found" overlay and an Issues panel). :data:`UI` holds every element the tests look
+for, found by what the versions expose (test ids and roles), so a new frontend means one place to
+read and change.
 """
 
 from __future__ import annotations
@@ -48,21 +53,55 @@ SETTINGS = {
     "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1,
 }
 
-# Failed requests that are not the pack's business: files the frontend probes for on start,
-# and the internet (there is none here; the frontend asks api.comfy.org for releases and nodes).
-BENIGN_HTTP_PATHS = ("/api/userdata", "/user.css", "/favicon.ico")
+# Failed requests that are not the pack's business: files the frontend probes for on start, the
+# internet (there is none here; the frontend asks api.comfy.org for releases and nodes), and routes
+# a newer frontend asks an older server for (1.49+ polls /api/jobs, which ComfyUI 0.3.75 lacks).
+BENIGN_HTTP_PATHS = ("/api/userdata", "/user.css", "/favicon.ico", "/api/jobs")
+# Console errors of the same kind (the frontend's log lines for such requests), matched anywhere in
+# the message: 1.58 logs the missing /api/jobs as "Failed to fetch queue: JobsApiError: Failed to
+# fetch jobs: 404" and "[Jobs API] Error fetching jobs: ...".
+BENIGN_CONSOLE = ("Failed to load resource", "Failed to fetch jobs", "ComfyApp graph accessed before initialization")
+
+
+def benign_console(message: str) -> bool:
+    return any(part in message for part in BENIGN_CONSOLE)
+
+
+@dataclass(frozen=True)
+class Elements:
+    """Every element of the frontend the tests look for, as CSS selectors that hold across the
+    frontends tested (1.32.9, 1.49.6, 1.58.1). Test ids and roles first; a class only where a
+    version exposes nothing else."""
+
+    #: Modal dialogs: 1.32's PrimeVue ``.p-dialog`` carries role=dialog too; 1.49+ reka-ui dialogs.
+    dialog: str = "[role=dialog], [role=alertdialog]"
+    #: Warning and error toasts (PrimeVue in every version).
+    toast: str = ".p-toast-message-error, .p-toast-message-warn"
+    #: One card per template in the template browser, ``template-workflow-<name>``.
+    template_card: str = "[data-testid^='template-workflow-']"
+    #: The Run button. (1.49+ also label the queue-mode menu trigger beside it "Run".)
+    run_button: str = "[data-testid='queue-button']"
+    #: 1.49+: a run's errors first show as "N errors found" with "View details" ...
+    error_overlay: str = "[data-testid='error-overlay']"
+    error_overlay_details: str = "[data-testid='error-overlay-see-errors']"
+    error_overlay_dismiss: str = "[data-testid='error-overlay-dismiss']"
+    #: ... which opens the Issues tab of the right-side panel, one section per kind of error.
+    error_panel: str = "[data-testid='properties-panel']"
+    error_sections: str = "[data-testid^='error-group-']"
+    #: In a section, the button that shows one input's message (1.49+: "Info for <node> - <input>").
+    error_info_button: str = "[data-testid^='error-group-'] button[aria-label^='Info for']"
+
+
+UI = Elements()
+
+# What a page reports as "on screen": visible, or fixed (overlays report no offsetParent).
+_VISIBLE_TEXTS = """(selector) => [...document.querySelectorAll(selector)]
+    .filter(e => e.offsetParent !== null || getComputedStyle(e).position === 'fixed')
+    .map(e => e.innerText.trim()).filter(Boolean)"""
 
 
 def chromium_path() -> str | None:
     return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def newest_frontend_root(repo_root: Path) -> Path | None:
-    """The newest comfyui-frontend-package's ``static/`` that tools/setup.sh unpacked into
-    ``.cache/frontends/<version>/`` (beside, never instead of, the one ComfyUI's requirements pin)."""
-    found = [p.parent for p in (repo_root / ".cache" / "frontends").glob("*/static/index.html")]
-    key = lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.parent.name.split("."))  # noqa: E731
-    return max(found, key=key) if found else None
 
 
 @dataclass
@@ -156,12 +195,33 @@ class Frontend:
     def open_template_browser(self) -> str:
         """Open Templates (as the sidebar button does); returns the dialog's text."""
         self.page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        self.page.wait_for_function("() => document.querySelector('.p-dialog')?.innerText?.includes('Templates')")
+        self.page.locator(UI.dialog, has_text="Templates").first.wait_for()
         self.page.wait_for_timeout(500)
         return "\n".join(self.dialogs())
 
+    def open_pack_templates(self, module: str) -> list[str]:
+        """In the open template browser, click the pack's entry; returns the template names shown."""
+        self.page.locator(UI.dialog).get_by_text(module, exact=True).first.click()
+        cards = self.page.locator(UI.template_card)
+        cards.first.wait_for()
+        self.page.wait_for_timeout(300)
+        return [c.get_attribute("data-testid").removeprefix("template-workflow-") for c in cards.all()]
+
+    def open_template_card(self, name: str, node_count: int) -> None:
+        """Click a template's card; waits until its graph is open and the dialog has closed."""
+        self.page.locator(f"[data-testid='template-workflow-{name}']").click()
+        self.page.wait_for_function(
+            "([n, selector]) => app.graph.nodes.length === n && !document.querySelector(selector)",
+            arg=[node_count, UI.dialog])
+
     def close_dialogs(self) -> None:
+        """Escape closes a dialog; the 1.49+ error overlay and Issues panel have their own close."""
         self.page.keyboard.press("Escape")
+        dismiss = self.page.locator(UI.error_overlay_dismiss)
+        if dismiss.count() and dismiss.first.is_visible():
+            dismiss.first.click()
+        if self.page.locator(UI.error_panel).count():  # 1.49+: the panel's open state is a setting
+            self.page.evaluate("() => app.extensionManager.setting.set('Comfy.RightSidePanel.IsOpen', false)")
         self.page.wait_for_timeout(300)
 
     def templates(self) -> dict[str, list[str]]:
@@ -169,11 +229,34 @@ class Frontend:
         return self.page.evaluate("async () => (await fetch('/api/workflow_templates')).json()")
 
     def dialogs(self) -> list[str]:
-        """The text of every dialog and warning/error toast on screen."""
-        return self.page.evaluate("""() => [...document.querySelectorAll(
-                '.p-dialog, [role=dialog], [role=alertdialog], .p-toast-message-error, .p-toast-message-warn')]
-            .filter(e => e.offsetParent !== null || getComputedStyle(e).position === 'fixed')
-            .map(e => e.innerText.trim()).filter(Boolean)""")
+        """The text of every dialog, warning/error toast and error overlay on screen."""
+        return self.page.evaluate(_VISIBLE_TEXTS, f"{UI.dialog}, {UI.toast}, {UI.error_overlay}")
+
+    def error_text(self, needle: str, timeout: float = 30.0) -> str:
+        """Wait until the frontend shows an error whose text contains ``needle``; returns that text.
+
+        1.32 opens a dialog with the message. 1.49+ show an "N errors found" overlay: its "View
+        details" opens the Issues panel, whose sections hold the node and the server's error report.
+        """
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        opened: set[str] = set()
+        while time.monotonic() < deadline:
+            seen = self.page.evaluate(_VISIBLE_TEXTS, f"{UI.dialog}, {UI.error_sections}")
+            found = [text for text in seen if needle in text]
+            if found:
+                return "\n".join(found)
+            details = self.page.locator(UI.error_overlay_details)
+            if details.count() and details.first.is_visible():
+                details.first.click()
+            # An input's message sits behind its "Info for <node> - <input>" button.
+            for info in self.page.locator(UI.error_info_button).all():
+                label = info.get_attribute("aria-label")
+                if label not in opened and info.is_visible():
+                    info.click()
+                    opened.add(label)
+            self.page.wait_for_timeout(250)
+        raise AssertionError(f"no error containing {needle!r} on screen within {timeout:.0f} s; shown: {seen}")
 
     # -- actions
 
@@ -212,7 +295,7 @@ class Frontend:
         """Click the Run button; returns the server's answer to the POST /api/prompt it sends."""
         with self.page.expect_response(
                 lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as answer:
-            self.page.locator('button[aria-label="Run"]').first.click()
+            self.page.locator(UI.run_button).first.click()
         response = answer.value
         body = response.json()
         body["http_status"] = response.status

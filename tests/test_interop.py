@@ -17,6 +17,9 @@ import comfy_pack
 import pytest
 import torch
 import torch.nn.functional as F
+from comfy_versions import checkout_version, clone_shares_patch_objects
+
+from tools import test_models as tm
 
 TOLERANCE = 1e-5  # fp32; observed at most 1.4e-6
 
@@ -125,18 +128,38 @@ def test_interop_the_stand_in_alone_checks_the_harness(env):
             < TOLERANCE, key
 
 
-def test_interop_no_branch_sees_another_branchs_patches(env):
-    """other -> (audio -> other) on one branch leaves the shared upstream MODEL's patch objects as they were."""
+def attn2_table(model) -> dict:
+    return model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+
+
+def test_interop_apply_audio_never_changes_the_model_it_was_given(env):
+    """other -> audio: the upstream MODEL keeps the very patch objects it had, unchanged, on every
+    ComfyUI (whether clone() deep-copies them or shares them)."""
     patch, standin, model, c2d = env
     upstream = standin.apply_standin(model, 0.5, 1)
-    table = upstream.model_options["transformer_options"]["patches_replace"]["attn2"]
-    before = {key: list(p.kwargs) for key, p in table.items()}
-    branch = standin.apply_standin(patch.apply_audio_to_model(upstream, c2d, sound(c2d, 0)), 0.9, 2)
-    assert {key: list(p.kwargs) for key, p in table.items()} == before
-    assert not model.model_options["transformer_options"].get("patches_replace")
+    before = {key: (p, list(p.kwargs)) for key, p in attn2_table(upstream).items()}
+    branch = patch.apply_audio_to_model(upstream, c2d, sound(c2d, 0))
+    assert {key: (p, list(p.kwargs)) for key, p in attn2_table(upstream).items()} == before
+    assert all(after is p for (p, _), after in zip(before.values(), attn2_table(upstream).values()))
     assert not patch.audio_injections(upstream) and len(patch.audio_injections(branch)) == 1
-    branch_table = branch.model_options["transformer_options"]["patches_replace"]["attn2"]
-    assert all(len(p.kwargs) == 2 for p in branch_table.values())
+    assert not attn2_table(model)
+
+
+@pytest.mark.parametrize("through_audio", [True, False], ids=["through_apply_audio", "stand_in_only"])
+def test_interop_an_in_place_stand_in_on_a_branch_follows_this_comfyuis_clone(env, through_audio):
+    """other -> (audio ->) other on a branch: up to ComfyUI 0.13 clone() deep-copies the patch objects
+    and the upstream MODEL keeps one term per key; from 0.14 on it shares them, so the branch's
+    in-place ``.add`` lands on the upstream too, with or without Apply Audio to Model between."""
+    patch, standin, model, c2d = env
+    shared = clone_shares_patch_objects(checkout_version(tm.comfyui_path()))
+    upstream = standin.apply_standin(model, 0.5, 1)
+    key, first = next(iter(attn2_table(upstream).items()))
+    assert (attn2_table(upstream.clone())[key] is first) == shared, "clone() is not what this version's is"
+    middle = patch.apply_audio_to_model(upstream, c2d, sound(c2d, 0)) if through_audio else upstream
+    branch = standin.apply_standin(middle, 0.9, 2)
+    assert {len(p.kwargs) for p in attn2_table(branch).values()} == {2}
+    assert {len(p.kwargs) for p in attn2_table(upstream).values()} == ({2} if shared else {1})
+    assert not attn2_table(model)
 
 
 def test_interop_a_wrapper_that_drops_our_layers_is_an_error_not_a_silent_image(env):

@@ -73,7 +73,7 @@ def tracked_python_files() -> list[Path]:
         out = subprocess.run(["git", "ls-files", "-z", "*.py"], cwd=REPO_ROOT, capture_output=True, check=True,
                              timeout=60).stdout
     except (OSError, subprocess.CalledProcessError):  # not a git checkout: every .py outside the envs
-        return [p for p in REPO_ROOT.rglob("*.py") if not {".venv", ".comfyui", ".cache"} & set(p.parts)]
+        return [p for p in REPO_ROOT.rglob("*.py") if not {".venv", ".venv-newer", ".comfyui", ".cache"} & set(p.parts)]
     return [REPO_ROOT / name for name in out.decode().split("\0") if name]
 
 

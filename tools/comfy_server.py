@@ -256,6 +256,10 @@ class ComfyClient:
         response.raise_for_status()
         return response
 
+    def system_stats(self) -> dict[str, Any]:
+        """``/system_stats``: ``{"system": {"comfyui_version": ..., "python_version": ...}, "devices": [...]}``."""
+        return self._get("/system_stats").json()
+
     def object_info(self, node_class: str | None = None, refresh: bool = False) -> dict[str, Any]:
         """``/object_info`` (all node classes, cached) or one class's entry."""
         if node_class is not None:

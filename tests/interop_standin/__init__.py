@@ -16,6 +16,12 @@ ComfyUI_IPAdapter_plus (read, not copied) that make stacking hard:
 
 The term is known: ``weight * attention(q, K, V)`` over :data:`TOKENS` random tokens drawn from
 ``seed`` and the layer width (:func:`standin_term`).
+
+Stacking in place is safe only while ``ModelPatcher.clone()`` deep-copies the patch objects: up to
+ComfyUI 0.13. From 0.14 on (ComfyUI PR #12382, ``comfy.utils.deepcopy_list_dict``) a clone copies
+the dicts and lists of ``model_options`` and shares the objects in them, so ``.add`` on a clone's
+object also changes the MODEL it was cloned from and every other branch fed by that MODEL
+(``tests/comfy_versions.py``). The interop tests expect each version's behaviour.
 """
 
 from __future__ import annotations
