@@ -190,7 +190,7 @@ class FitAudioProjectorFromText(io.ComfyNode):
             log.info("Fit Audio Projector (from text): reused %s (%.2f s)", name, time.perf_counter() - start)
             return io.NodeOutput(model)
 
-        bar = comfy.utils.ProgressBar(2 * len(captions) + steps)
+        bar = comfy.utils.ProgressBar(2 * len(captions) + max(steps, 1))  # steps 0: the solve is one unit
         offsets = {"clap": 0, "targets": len(captions), "fit": 2 * len(captions)}
 
         def progress(phase: str, done: int, total: int) -> None:

@@ -372,6 +372,13 @@ def fit_from_captions(
 
     clap = encode_batched(clap_text, captions, batch_size, phase("clap"))
     tokens, pooled = encode_targets(targets, captions, batch_size, phase("targets"))
+    if config.steps == 0:  # the closed-form solve alone: one unit of progress
+        if on_progress is not None:
+            on_progress("fit", 0, 1)
+        model = fit_text(clap, tokens, config, None, device, pooled)
+        if on_progress is not None:
+            on_progress("fit", 1, 1)
+        return model
     if on_progress is not None:
         on_progress("fit", 0, config.steps)
     return fit_text(clap, tokens, config, phase("fit"), device, pooled)
