@@ -97,6 +97,7 @@ def test_textfit_file_is_a_normal_stage1_file_that_says_how_it_was_made(tmp_path
     assert meta["training"] == "text-only" and meta["corpus_sha256"] == "c" * 64
     assert meta["clap_fingerprint"] == "clapfp" and meta["text_encoder_fingerprint"] == "clipfp"
     assert json.loads(meta["text_fit"])["steps"] == 3
+    assert meta["textfit_recipe"] == "2"  # issue 23: files of the first recipe have no such key
     assert [p.name for p in tmp_path.iterdir()] == ["fit.safetensors"]  # no temporary left
 
 
@@ -107,8 +108,9 @@ def test_textfit_name_follows_every_input():
     others = [
         _provenance(TextFitConfig(seed=1)), _provenance(TextFitConfig(steps=7)),
         _provenance(TextFitConfig(noise=0.0)), _provenance(TextFitConfig(), corpus="d" * 64),
+        _provenance(TextFitConfig(recipe=1)),  # a new recipe: the node fits again instead of reusing
     ]
-    assert len({p.file_stem("sd15") for p in others} | names) == 5
+    assert len({p.file_stem("sd15") for p in others} | names) == 6
 
 
 def test_textfit_stopping_during_the_fit_writes_nothing(tmp_path):
