@@ -162,10 +162,11 @@ class FitAudioProjectorFromText(io.ComfyNode):
                 io.Int.Input("corpus_size", default=DEFAULT_CORPUS_SIZE, min=2, max=20000,
                              tooltip="Captions to fit on, your own first, then generated from the pack's sound "
                              "vocabulary (every sound once, then mixtures of an event, a scene and a mood). "
-                             "On a 2-core CPU the defaults take about 25 minutes (mostly the fit steps); far less on a GPU. "
-                             "The file is then reused."),
-                io.Int.Input("steps", default=defaults.steps, min=1, max=20000,
-                             tooltip="Optimizer steps of the fit (batch of 64 captions)."),
+                             "The fit itself is solved in closed form (about a minute on a 2-core CPU); encoding the "
+                             "captions takes the rest. The file is then reused."),
+                io.Int.Input("steps", default=defaults.steps, min=0, max=20000,
+                             tooltip="Extra gradient steps after the closed-form fit (batch of 64 captions). 0, the "
+                             "default, keeps the solved model; steps are experimental and slow on a CPU."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the generated captions and of the fit: same seed, same file."),
                 io.String.Input("extra_captions", default="", multiline=True, optional=True,
@@ -201,7 +202,7 @@ class FitAudioProjectorFromText(io.ComfyNode):
             log.info("Fit Audio Projector (from text): reused %s (%.2f s)", name, time.perf_counter() - start)
             return io.NodeOutput(model)
 
-        bar = comfy.utils.ProgressBar(2 * len(captions) + steps)
+        bar = comfy.utils.ProgressBar(2 * len(captions) + max(steps, 1))  # steps 0: the solve is one unit
         offsets = {"clap": 0, "targets": len(captions), "fit": 2 * len(captions)}
 
         def progress(phase: str, done: int, total: int) -> None:

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a .safetensors file, or a folder (e.g. ComfyUI/models/clap2diffusion) for the derived name")
     p.add_argument("--captions", help="extra captions: a text file, one per line (they come first)")
     p.add_argument("--corpus-size", type=int, default=None, help="captions in all (default 1024)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 500)")
+    p.add_argument("--steps", type=int, default=None, help="gradient steps after the closed-form fit (default 0: none)")
     p.add_argument("--seed", type=int, default=0, help="corpus and fit seed")
     p.add_argument("--noise", type=float, default=None, help="gap-bridging noise norm (0: none; default 1.0)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -48,6 +48,7 @@ from ..model import BASE_FAMILIES, POOLED_FAMILIES, CLAP2DiffusionModel, ModelCo
 from ..pooled_head import PooledHeadConfig
 from ..projector import ProjectorConfig
 from . import losses
+from .kernelfit import kernel_fit
 from .sampling import StreamBatchSampler, step_generator
 from .temperature import TemperatureSchedule
 
@@ -56,15 +57,21 @@ StepCallback = Callable[[int, int], None]
 TEXT_ONLY = "text-only"
 PROVENANCE_KEYS = (
     "training", "corpus_sha256", "corpus_size", "clap_fingerprint", "text_encoder_fingerprint",
-    "text_encoder", "text_fit",
+    "text_encoder", "text_fit", "textfit_recipe",
 )  # fmt: skip
+#: Version of the fit's recipe, in every file's metadata (``textfit_recipe``) and name: 1 was the
+#: gradient fit of issue 12 (files without the key), 2 the closed-form kernel fit (issue 23).
+RECIPE = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class TextFitConfig:
     """How the projector is fitted. The defaults are the tuned ones (see the README figures)."""
 
-    steps: int = 500
+    #: 2: the closed-form kernel fit (:func:`kernel_fit`), then ``steps`` gradient steps (default
+    #: none); 1: issue 12's gradient fit from a random start (kept to reproduce old files).
+    recipe: int = RECIPE
+    steps: int = 0
     seed: int = 0
     batch_size: int = 64
     lr: float = 1e-3
@@ -82,6 +89,16 @@ class TextFitConfig:
     #: Overrides of the projector's config (``width``, ``num_layers``...); ``context_dim`` is set
     #: from the targets.
     projector: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Recipe 2: width of the centred CLAP projection (and of the projector), kernel units per
+    #: caption neighbourhood (``4 * width`` of them), their sharpness, noisy copies per caption in
+    #: the ridge solves, and the ridge strength (relative to the features' mean energy).
+    width: int = 256
+    kernel_beta: float = 20.0
+    #: A kernel unit fires above this share of the mean cosine between a bridged copy of a caption
+    #: and the caption (so ``noise`` sets the neighbourhood each caption's conditioning covers).
+    kernel_threshold: float = 0.2
+    copies: int = 4
+    ridge: float = 1e-3
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -203,10 +220,23 @@ def fit_text(
 
 def _fit(clap_text: torch.Tensor, targets: torch.Tensor, config: TextFitConfig, on_step: StepCallback | None,
          device: torch.device | str, pooled: torch.Tensor | None = None) -> CLAP2DiffusionModel:
-    if pooled is None:
+    if pooled is not None:
+        pooled = pooled.float()
+    if config.recipe >= 2:
+        family = base_family_for(targets.shape[-1])
+        if pooled is not None and POOLED_FAMILIES.get(family) != pooled.shape[-1]:
+            raise ValueError(f"pooled targets of width {pooled.shape[-1]} do not fit {family} "
+                             f"(pooled widths: {POOLED_FAMILIES or 'none'})")
+        generator = torch.Generator().manual_seed(config.seed)
+        model = kernel_fit(clap_text, targets, family, pooled=pooled, noise=config.noise, width=config.width,
+                           beta=config.kernel_beta, threshold=config.kernel_threshold, copies=config.copies,
+                           strength=config.ridge, seed=config.seed,
+                           bridge=lambda x, _copy: bridge_noise(x, config.noise, generator))
+        if config.steps == 0:
+            return model.to(device).eval()
+    elif pooled is None:
         model = new_model(config, targets.shape[-1])
     else:
-        pooled = pooled.float()
         model = new_model(config, targets.shape[-1], pooled.shape[-1], float(pooled.norm(dim=-1).mean()))
     model = model.to(device).train()
     params = list(model.parameters())
@@ -342,6 +372,13 @@ def fit_from_captions(
 
     clap = encode_batched(clap_text, captions, batch_size, phase("clap"))
     tokens, pooled = encode_targets(targets, captions, batch_size, phase("targets"))
+    if config.steps == 0:  # the closed-form solve alone: one unit of progress
+        if on_progress is not None:
+            on_progress("fit", 0, 1)
+        model = fit_text(clap, tokens, config, None, device, pooled)
+        if on_progress is not None:
+            on_progress("fit", 1, 1)
+        return model
     if on_progress is not None:
         on_progress("fit", 0, config.steps)
     return fit_text(clap, tokens, config, phase("fit"), device, pooled)
@@ -403,6 +440,7 @@ class Provenance:
             "text_encoder_fingerprint": self.text_encoder_fingerprint,
             "text_encoder": self.text_encoder,
             "text_fit": json.dumps(self.text_fit.to_dict(), sort_keys=True),
+            "textfit_recipe": str(self.text_fit.recipe),
         }
 
     def file_stem(self, family: str) -> str:
