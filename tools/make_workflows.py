@@ -398,6 +398,12 @@ def sound_chain(wf: Workflow, pos: tuple[float, float], sound: str, clap: Node, 
     return SoundChain(load, encode, decompose, project)
 
 
+def apply_to_model(wf: Workflow, model, chain: SoundChain, clap2diffusion: Node) -> Node:
+    """Apply Audio to Model at full strength over all steps, beside the prompts (the adapter examples)."""
+    return wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 170), model=model, audio_tokens=chain.project.out,
+                   clap2diffusion=clap2diffusion.out, strength=1.0, start_percent=0.0, end_percent=1.0)
+
+
 def sample(wf: Workflow, pos: tuple[float, float], model, positive, negative, vae, prefix: str,
            size: int = 512, steps: int = 20) -> list[Node]:
     """EmptyLatentImage + KSampler -> VAEDecode -> SaveImage."""
@@ -449,9 +455,7 @@ def audio_adapter(wf: Workflow) -> None:
     positive, negative = prompts(wf, ckpt["CLIP"], (360, 0), text="a beach at dusk")
     clap, c2d = loaders(wf, (0, AUDIO_ROW), STAGE3)
     chain = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, c2d, levels=(1.5, 1.0, 0.5))
-    apply = wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 170), model=ckpt["MODEL"],
-                    audio_tokens=chain.project.out, clap2diffusion=c2d.out, strength=1.0, start_percent=0.0,
-                    end_percent=1.0)
+    apply = apply_to_model(wf, ckpt["MODEL"], chain, c2d)
     tail = sample(wf, (1140, 0), apply.out, positive.out, negative.out, ckpt["VAE"], "clap2diffusion_adapter")
     wf.note(note_text(
         "Sound -> image through audio cross-attention (CLAP2Diffusion adapter)",
@@ -522,9 +526,7 @@ def audio_lora(wf: Workflow) -> None:
     positive, negative = prompts(wf, lora["CLIP"], (360, 0))
     clap, c2d = loaders(wf, (0, AUDIO_ROW), STAGE3)
     chain = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, c2d)
-    apply = wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 170), model=lora["MODEL"],
-                    audio_tokens=chain.project.out, clap2diffusion=c2d.out, strength=1.0, start_percent=0.0,
-                    end_percent=1.0)
+    apply = apply_to_model(wf, lora["MODEL"], chain, c2d)
     tail = sample(wf, (1140, 0), apply.out, positive.out, negative.out, ckpt["VAE"], "clap2diffusion_lora")
     wf.note(note_text(
         "Sound + text + LoRA -> image",
@@ -749,9 +751,7 @@ def audio_adapter_from_text(wf: Workflow) -> None:
                      batch_size=8, learning_rate=1e-4, resolution=512, seed=0, corpus_size=1024, preview_every=500,
                      extra_captions="")
     chain = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, distil)
-    apply = wf.node("C2D_ApplyAudioToModel", (800, 0), (300, 170), model=ckpt["MODEL"],
-                    audio_tokens=chain.project.out, clap2diffusion=distil.out, strength=1.0, start_percent=0.0,
-                    end_percent=1.0)
+    apply = apply_to_model(wf, ckpt["MODEL"], chain, distil)
     tail = sample(wf, (1140, 0), apply.out, positive.out, negative.out, ckpt["VAE"], "clap2diffusion_distilled")
     wf.note(note_text(
         "Sound -> image through audio cross-attention, with no CLAP2Diffusion file (fit + distil)",
