@@ -3,9 +3,11 @@ CLAP and text encoder, with no data set (see clap2diffusion_core/training/textfi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import comfy.model_management as mm
 import comfy.utils
@@ -69,10 +71,37 @@ def end_position(ids: list[int]) -> int:
     return ids.index(END_TOKEN, 1) if END_TOKEN in ids[1:] else len(ids) - 1
 
 
-def sd15_states(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    """``(states [n, 77, C], ends [n])``: ComfyUI's conditioning of each caption (its first 77-token
-    section) and where its end token stands. One batched forward: the captions go in as sections of
-    one prompt, which ComfyUI encodes together and concatenates along the tokens."""
+@contextlib.contextmanager
+def positions_cut(clip, length: int) -> Iterator[None]:  # noqa: ANN001 (comfy.sd.CLIP)
+    """Within the block, ComfyUI's CLIP towers read ``length`` token positions, not 77.
+
+    ComfyUI's CLIP adds all 77 position embeddings to whatever it is given, so it cannot take
+    shorter inputs. CLIP's text attention is causal: the states up to each caption's end token do
+    not depend on what follows, so captions cut after the longest end token give the same values
+    there for a fraction of the cost (1,024 captions x 77 positions through CLIP-G take ~20 minutes
+    on a 2-core CPU). Each tower's position table is swapped for a view of its first ``length``
+    rows and put back afterwards; load the model before (``clip.load_model()``), so that no weight
+    patching sees the view.
+    """
+    tables = [m for m in clip.cond_stage_model.modules() if type(m).__name__ == "CLIPEmbeddings"]
+    if not tables:
+        raise TextEncoderError(f"{type(clip.cond_stage_model).__name__}: no CLIP position table found, "
+                               "so the captions cannot be cut short")
+    full = [m.position_embedding.weight for m in tables]
+    try:
+        for module, weight in zip(tables, full):
+            module.position_embedding.weight = torch.nn.Parameter(weight[:length], requires_grad=False)
+        yield
+    finally:
+        for module, weight in zip(tables, full):
+            module.position_embedding.weight = weight
+
+
+def sd15_states(clip, captions: list[str], cut: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """``(states [n, L, C], ends [n])``: ComfyUI's conditioning of each caption (its first 77-token
+    section, L = 77) and where its end token stands. One batched forward: the captions go in as
+    sections of one prompt, which ComfyUI encodes together and concatenates along the tokens.
+    ``cut``: only up to the longest end token (L = its position + 1; the same values, :func:`positions_cut`)."""
     sections, ends = [], []
     for caption in captions:
         tokens = clip.tokenize(caption)
@@ -80,20 +109,24 @@ def sd15_states(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = [t[0] for t in first]
         ends.append(end_position(ids))
         sections.append([(t[0], 1.0) for t in first])
-    cond = clip.encode_from_tokens({"l": sections}).float().cpu()  # [1, 77 * n, C]
+    length = max(ends) + 1 if cut else len(sections[0])
+    clip.load_model()
+    with positions_cut(clip, length) if cut else contextlib.nullcontext():
+        cond = clip.encode_from_tokens({"l": [s[:length] for s in sections]}).float().cpu()  # [1, L * n, C]
     return cond.reshape(len(captions), -1, cond.shape[-1]), torch.tensor(ends)
 
 
 def pooled_targets(clip, captions: list[str]) -> torch.Tensor:  # noqa: ANN001
     """``[n, 768]``: for each caption, the mean of ComfyUI's conditioning over its tokens and end
     token (the stage-1 target; what ``ClipTextEncoder`` computes on the command-line path)."""
-    return caption_token_mean(*sd15_states(clip, captions))
+    return caption_token_mean(*sd15_states(clip, captions, cut=True))
 
 
-def sdxl_states(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    """SDXL's conditioning from ComfyUI's own CLIP: ``(states [n, 77, 2048], ends [n], pooled [n, 1280])``,
-    CLIP-L + CLIP-G penultimate states side by side, each caption's end token, and its pooled
-    vector (CLIP-G's projected end token).
+def sdxl_states(clip, captions: list[str], cut: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """SDXL's conditioning from ComfyUI's own CLIP: ``(states [n, L, 2048], ends [n], pooled [n, 1280])``,
+    CLIP-L + CLIP-G penultimate states side by side (L = 77, or with ``cut`` the longest end token's
+    position + 1, :func:`positions_cut`), each caption's end token, and its pooled vector (CLIP-G's
+    projected end token).
 
     ``encode_from_tokens`` keeps only the first section's pooled vector, so captions cannot share
     one call as on the SD1.5 path, and one call per caption costs 3x more on a CPU (ComfyUI casts
@@ -107,22 +140,28 @@ def sdxl_states(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, 
         ids_l.append([t[0] for t in tokens["l"][0]])
         ids_g.append([t[0] for t in tokens["g"][0]])
         ends.append(end_position(ids_l[-1]))
+    length = max(ends) + 1 if cut else len(ids_l[0])
     inner = clip.cond_stage_model
     inner.reset_clip_options()
     if clip.layer_idx is not None:
         inner.set_clip_options({"layer": clip.layer_idx})
     clip.load_model()
-    out_l = inner.clip_l.encode(ids_l)[0]
-    out_g, pooled = inner.clip_g.encode(ids_g)[:2]
-    cond = torch.cat([out_l, out_g], dim=-1).float().cpu()  # [n, 77, 2048]
+    with positions_cut(clip, length) if cut else contextlib.nullcontext():
+        out_l = inner.clip_l.encode([ids[:length] for ids in ids_l])[0]
+        out_g, pooled = inner.clip_g.encode([ids[:length] for ids in ids_g])[:2]
+    cond = torch.cat([out_l, out_g], dim=-1).float().cpu()  # [n, L, 2048]
     return cond, torch.tensor(ends), pooled.float().cpu()
 
 
 def sdxl_targets(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """SDXL's targets: ``([n, 2048], [n, 1280])``, for each caption the mean of its conditioning over
-    its tokens and end token (:func:`sdxl_states`), and its pooled vector."""
-    cond, ends, pooled = sdxl_states(clip, captions)
+    its tokens and end token (:func:`sdxl_states`, cut after the longest end token), and its pooled vector."""
+    cond, ends, pooled = sdxl_states(clip, captions, cut=True)
     return caption_token_mean(cond, ends), pooled
+
+
+#: Each family's targets from ComfyUI's CLIP object: ``(clip, captions) ->`` what ``fit_from_captions`` wants.
+TARGETS = {"sd15": pooled_targets, "sdxl": sdxl_targets}
 
 
 #: CLIP weights the fit's targets never read: CLIP-L's projection (SD1.5 and SDXL take CLIP-L's
@@ -210,7 +249,7 @@ class FitAudioProjectorFromText(io.ComfyNode):
             bar.update_absolute(offsets[phase] + done)
 
         device = mm.get_torch_device()
-        targets = sdxl_targets if family == "sdxl" else pooled_targets
+        targets = TARGETS[family]
         model = fit_from_captions(captions, clap_model.load_text().encode_text, lambda texts: targets(clip, texts),
                                   config, progress, device=device)
         path = os.path.join(folder_paths.get_folder_paths("clap2diffusion")[0], name)

@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus-size", type=int, default=None, help="captions in all (default 1024)")
     p.add_argument("--steps", type=int, default=None, help="gradient steps after the closed-form fit (default 0: none)")
     p.add_argument("--seed", type=int, default=0, help="corpus and fit seed")
-    p.add_argument("--noise", type=float, default=None, help="gap-bridging noise norm (0: none; default 1.0)")
+    p.add_argument("--noise", type=float, default=None, help="gap-bridging noise norm (0: none; default 2.0)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
 
