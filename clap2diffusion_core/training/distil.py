@@ -145,14 +145,15 @@ def final_model(model: CLAP2DiffusionModel, temperature: float) -> CLAP2Diffusio
 def refit_pooled_head(model: CLAP2DiffusionModel, captions: CaptionSet, temperature: float,
                       fit: TextFitConfig | None = None, device: torch.device | str = "cpu") -> CLAP2DiffusionModel:
     """SDXL files: fit ``model``'s pooled head again on the training captions, as the text fit fits its
-    own (its objective, :func:`.textfit.stage1_loss`'s pooled term; its gap bridging, batches, rate and
-    steps), with everything else frozen: the distillation moved the decomposer the head reads, so the
+    own, with everything else frozen: the distillation moved the decomposer the head reads, so the
     text fit's head no longer matches it. A model without a head (a distillation started from no file)
     gets a new one first, laid out as the text fit lays out its own. Returns the model (``model``
-    itself, trained in place, when it had a head; SD1.5: ``model`` untouched).
+    itself, fitted in place, when it had a head; SD1.5: ``model`` untouched).
 
-    ``stage1_loss`` also scores the tokens; with only the head trainable that term adds no gradient
-    (its targets are the captions' token means), so the head gets exactly the text fit's pooled objective."""
+    ``fit.recipe`` 2 (the default): solved in closed form (:func:`.kernelfit.solve_pooled_head`, the
+    text fit's kernel and bridging). Recipe 1: ``fit.steps`` of :func:`.textfit.stage1_loss` (its
+    pooled term: with only the head trainable the token term adds no gradient), its gap bridging,
+    batches and rate."""
     from .loop import cosine_with_warmup
     from .sampling import StreamBatchSampler, step_generator
     from .textfit import TextFitConfig, bridge_noise, stage1_loss
@@ -173,6 +174,16 @@ def refit_pooled_head(model: CLAP2DiffusionModel, captions: CaptionSet, temperat
         model = grown.to(next(model.parameters()).device)
     rows = torch.tensor(captions.train)
     clap_all = captions.clap[rows].float()
+    if fit.recipe >= 2:
+        from .kernelfit import solve_pooled_head
+
+        generator = torch.Generator().manual_seed(fit.seed)
+        noisy = [bridge_noise(clap_all, fit.noise, generator) for _ in range(fit.copies)] if fit.noise > 0 else []
+        was_device = next(model.parameters()).device
+        model = model.cpu().eval()  # a few thousand rows: the solve runs on the CPU
+        solve_pooled_head(model, clap_all, captions.pooled[rows].float(), noisy, beta=fit.kernel_beta,
+                          threshold=fit.kernel_threshold, strength=fit.ridge, seed=fit.seed, temperature=temperature)
+        return model.to(was_device)
     tokens_all = captions.text[rows].float().mean(dim=1)  # [M, C] (no gradient reaches the head from it)
     pooled_all = captions.pooled[rows].float()
     with torch.inference_mode(False), torch.enable_grad():

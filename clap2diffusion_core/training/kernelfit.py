@@ -150,15 +150,49 @@ def kernel_fit(
     p.out_proj.bias.copy_(out[-1])
 
     if model.pooled_head is not None:
-        mlp = model.pooled_head.mlp
-        width_in = w + 3
-        first = torch.zeros(units, width_in)
-        first[:len(centres), :w] = beta * centres / width_in ** 0.5
-        mlp[0].weight.copy_(first)
-        mlp[0].bias.copy_(bias)
-        hidden = _through(model, x, mlp[2], output=False, pooled=True)
-        solved = ridge(torch.cat([hidden, torch.ones(len(hidden), 1)], 1),
-                       pooled.float().repeat(len(x) // m, 1), strength)
-        mlp[2].weight.copy_(solved[:-1].T)
-        mlp[2].bias.copy_(solved[-1])
+        solve_pooled_head(model, clap, pooled.float(), noisy, beta=beta, threshold=threshold, strength=strength,
+                          seed=seed)
     return model
+
+
+@torch.no_grad()
+def solve_pooled_head(model: CLAP2DiffusionModel, clap: torch.Tensor, pooled: torch.Tensor,
+                      noisy: list[torch.Tensor], *, beta: float = 20.0, threshold: float = 0.5,
+                      strength: float = 1e-3, seed: int = 0, temperature: float | None = None) -> None:
+    """Set ``model.pooled_head``'s MLP in closed form, for the decomposer the model has now (in place).
+
+    ``clap [M, 512]`` the captions' CLAP text embeddings, ``pooled [M, P]`` their pooled text vectors,
+    ``noisy``: bridged copies of ``clap`` (each ``[M, 512]``; none: no bridging). The first layer is a
+    cosine kernel over the captions' head features (the LayerNorm'd decomposer output the MLP reads):
+    unit ``j`` fires as ``GELU(beta * (cos(f, f_j) - theta))``, ``theta`` = ``threshold`` x the mean
+    cosine of a bridged copy's features to its caption's; a seeded subset of the captions are the
+    centres when there are more than units. The second layer is solved by ridge onto the pooled
+    vectors, on the captions and their copies.
+    """
+    head = model.pooled_head
+    if head is None:
+        raise ValueError("this model has no pooled head to solve")
+
+    def features(x: torch.Tensor) -> torch.Tensor:  # [n, K * D + 3]: what the head's MLP reads
+        out = []
+        for chunk in x.split(1024):
+            levels = model.decomposer(chunk, temperature)
+            out.append(head.norm(torch.cat([levels.tokens.flatten(1), levels.level_weights], dim=-1)))
+        return torch.cat(out).float()
+
+    m = clap.shape[0]
+    f = features(torch.cat([clap, *noisy]))
+    unit = F.normalize(f, dim=-1)
+    reach = float((unit[m:] * unit[:m].repeat(len(noisy), 1)).sum(-1).mean()) if noisy else 1.0
+    first, second = head.mlp[0], head.mlp[2]
+    order = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:first.out_features]
+    weight = torch.zeros_like(first.weight, dtype=torch.float32)
+    bias = torch.full((first.out_features,), -1e3)  # units without a centre stay off
+    weight[:len(order)] = beta * unit[order] / f.norm(dim=-1).mean()
+    bias[:len(order)] = -beta * threshold * reach
+    first.weight.copy_(weight)
+    first.bias.copy_(bias)
+    hidden = head.mlp[1](first(f.to(first.weight.dtype))).float()
+    solved = ridge(torch.cat([hidden, torch.ones(len(hidden), 1)], 1), pooled.float().repeat(len(f) // m, 1), strength)
+    second.weight.copy_(solved[:-1].T)
+    second.bias.copy_(solved[-1])

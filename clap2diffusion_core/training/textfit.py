@@ -6,9 +6,10 @@ of the caption stands in for the clip's audio embedding. At inference the *audio
 instead. The two clouds sit apart in a real CLAP (matching pairs have a cosine well below 1, and a
 shared shift separates them, the "modality gap"), so the fit **bridges the gap**:
 
-- **noise injection** (training): every step, each CLAP text embedding is moved by Gaussian noise
-  of norm about ``noise`` and re-normalised, so the projector maps a neighbourhood of each caption,
-  not just its point, to that caption's conditioning (``noise`` 0 switches it off);
+- **noise injection**: each CLAP text embedding is moved by Gaussian noise of norm about ``noise``
+  and re-normalised (recipe 2: the solve reads noisy copies of every caption and sizes each
+  caption's kernel by them; recipe 1: every step), so the projector maps a neighbourhood of each
+  caption, not just its point, to that caption's conditioning (``noise`` 0 switches it off);
 - **caption memory** (inference, optional, :func:`memory_project`): the audio embedding replaced
   by a softmax-weighted mix of its nearest caption embeddings, which puts it back in the text
   cloud the projector was fitted on.
