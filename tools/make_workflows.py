@@ -27,6 +27,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: make the `tools` package importable
     sys.path.append(str(REPO_ROOT))
+from clap2diffusion_core.training.textfit import TextFitConfig  # noqa: E402 (the node's defaults)
 from tools.run_workflow import has_control_widget  # noqa: E402 (the frontend's rule, in one place)
 
 OUT_DIR = REPO_ROOT / "example_workflows"
@@ -662,13 +663,18 @@ def sound_to_frames(wf: Workflow) -> None:
              [apply, latent, sampler, decode, save], GROUP_COLORS["sample"])
 
 
+def text_fit(wf: Workflow, ckpt: Node, clap: Node) -> Node:
+    """Fit Audio Projector (from text) at the node's defaults: the closed-form fit, no gradient steps."""
+    return wf.node("C2D_FitAudioProjectorFromText", (0, AUDIO_ROW + 420), (315, 230), clip=ckpt["CLIP"],
+                   clap_model=clap.out, corpus_size=1024, steps=TextFitConfig().steps, seed=0, extra_captions="")
+
+
 def audio_from_text_fit(wf: Workflow) -> None:
     """No CLAP2Diffusion file yet: fit one from text (the user's CLAP and checkpoint), then use it."""
     ckpt = checkpoint(wf, (0, 0))
     positive, negative = prompts(wf, ckpt["CLIP"], (360, 0))
     clap = wf.node("C2D_ClapLoader", (0, AUDIO_ROW), (315, 58), clap_name=CLAP)
-    fit = wf.node("C2D_FitAudioProjectorFromText", (0, AUDIO_ROW + 420), (315, 230), clip=ckpt["CLIP"],
-                  clap_model=clap.out, corpus_size=1024, steps=500, seed=0, extra_captions="")
+    fit = text_fit(wf, ckpt, clap)
     chain = sound_chain(wf, (0, AUDIO_ROW), "thunder.wav", clap, fit)
     apply = wf.node("C2D_ApplyAudioToConditioning", (800, 0), (290, 82), conditioning=positive.out,
                     audio_tokens=chain.project.out, strength=1.0)
@@ -744,8 +750,7 @@ def audio_adapter_from_text(wf: Workflow) -> None:
     ckpt = checkpoint(wf, (0, 0))
     positive, negative = prompts(wf, ckpt["CLIP"], (360, 0), text="a beach at dusk")
     clap = wf.node("C2D_ClapLoader", (0, AUDIO_ROW), (315, 58), clap_name=CLAP)
-    fit = wf.node("C2D_FitAudioProjectorFromText", (0, AUDIO_ROW + 420), (315, 230), clip=ckpt["CLIP"],
-                  clap_model=clap.out, corpus_size=1024, steps=500, seed=0, extra_captions="")
+    fit = text_fit(wf, ckpt, clap)
     distil = wf.node("C2D_DistilAudioAdapter", (0, AUDIO_ROW + 700), (340, 420), model=ckpt["MODEL"],
                      clip=ckpt["CLIP"], clap_model=clap.out, clap2diffusion=fit.out, vae=ckpt["VAE"], steps=4000,
                      batch_size=8, learning_rate=1e-4, resolution=512, seed=0, corpus_size=1024, preview_every=500,
