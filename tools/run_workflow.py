@@ -25,7 +25,6 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKFLOW = REPO_ROOT / "example_workflows" / "audio_text_to_image.json"
-FALLBACK_WORKFLOW = REPO_ROOT / "tests" / "data" / "core_text_to_image.ui.json"
 
 # Widget types; any other input type is a socket (link only).
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -414,11 +413,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workflow_path: Path = args.workflow
     if not workflow_path.is_file():
-        if workflow_path != DEFAULT_WORKFLOW:
-            parser.error(f"{workflow_path} does not exist")
-        print(f"note: {workflow_path.relative_to(REPO_ROOT)} is not written yet; running the core "
-              f"text-to-image workflow {FALLBACK_WORKFLOW.relative_to(REPO_ROOT)} instead")
-        workflow_path = FALLBACK_WORKFLOW
+        hint = " (the examples are written by tools/make_workflows.py)" if workflow_path == DEFAULT_WORKFLOW else ""
+        parser.error(f"{workflow_path} does not exist{hint}")
     workflow = json.loads(workflow_path.read_text())
 
     comfy = tm.comfyui_path()
