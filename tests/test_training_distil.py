@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from graphs import CHECKPOINT, audio_tokens, model_of, sample, saved_images
-from training_support import one_thread, stage1_overrides, write_fake_cache  # noqa: F401
+from training_support import one_thread, scratch_dir, stage1_overrides, write_fake_cache  # noqa: F401
 
 from clap2diffusion_core.checkpoint import load_checkpoint, read_metadata
 from clap2diffusion_core.testing import adapter_config
@@ -112,8 +112,8 @@ def test_distil_resumes_exactly(tmp_path, test_models):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, test_models):
-    out = tmp_path_factory.mktemp("distil-smoke")
-    return run_distil_smoke(out, str(test_models.sd15_checkpoint), str(test_models.clap_folder), progress=False)
+    with scratch_dir(tmp_path_factory, "distil-smoke") as out:
+        yield run_distil_smoke(out, str(test_models.sd15_checkpoint), str(test_models.clap_folder), progress=False)
 
 
 @pytest.mark.slow
@@ -239,13 +239,13 @@ def sdxl_distil(tmp_path_factory, test_models):
     import gc
 
     vega = tm.sdxl_checkpoint()
-    out = tmp_path_factory.mktemp("distil-sdxl")
-    overrides = distil_overrides(out, str(vega), str(test_models.clap_folder), steps=1, **{
-        "data.batch_size": 1, "eval_batch_size": 1, "distil.corpus_size": 4, "distil.heldout": 1, "optim.warmup_steps": 0,
-        "distil.sampler_steps": 2, "distil.teacher_steps": 1, "loss.audio_dropout": 0.0})
-    result = train_stage(load_config("distil", overrides), progress=False)
-    gc.collect()  # the UNet and text encoders go before the server loads its own copy
-    return result
+    with scratch_dir(tmp_path_factory, "distil-sdxl") as out:
+        overrides = distil_overrides(out, str(vega), str(test_models.clap_folder), steps=1, **{
+            "data.batch_size": 1, "eval_batch_size": 1, "distil.corpus_size": 4, "distil.heldout": 1,
+            "optim.warmup_steps": 0, "distil.sampler_steps": 2, "distil.teacher_steps": 1, "loss.audio_dropout": 0.0})
+        result = train_stage(load_config("distil", overrides), progress=False)
+        gc.collect()  # the UNet and text encoders go before the server loads its own copy
+        yield result
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from graphs import CHECKPOINT, audio_tokens, model_of, sample, saved_images
-from training_support import one_thread  # noqa: F401
+from training_support import one_thread, scratch_dir  # noqa: F401
 
 from clap2diffusion_core.checkpoint import load_checkpoint, read_metadata
 from clap2diffusion_core.training.features import FeatureDataset
@@ -32,8 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, test_models):
-    out = tmp_path_factory.mktemp("train-smoke")
-    return run_smoke(out, str(test_models.sd15_checkpoint), str(test_models.clap_folder), progress=False)
+    with scratch_dir(tmp_path_factory, "train-smoke") as out:
+        yield run_smoke(out, str(test_models.sd15_checkpoint), str(test_models.clap_folder), progress=False)
 
 
 def test_stage1_file_retrieves_captions_far_above_chance(smoke):
