@@ -203,7 +203,8 @@ class Setup:
 
         # The audio side, as the nodes run it: CLAP Encode of a sound, decompose, project.
         models = tm.build_all()
-        self.clap = clap.load_clap(models.clap_folder).to(device)
+        # What CLAP Encode loads: the audio tower alone, in float32 (nodes/clap_nodes.py).
+        self.clap = clap.load_clap_tower(models.clap_folder, "audio").to(device=device, dtype=torch.float32)
         waveform, rate = audio.load_audio_file(models.sounds["thunder.wav"])
         self.c2d = testing.random_model(stage=2, layout=args.unet, seed=1)
         embeds = self.clap.embed(waveform.unsqueeze(0).to(device), rate, "first")
@@ -377,12 +378,8 @@ def section_clap(s: Setup, batches: list[int], reps: int) -> dict[str, Any]:
 
 
 def section_memory(s: Setup) -> dict[str, Any]:
-    clap_audio = module_bytes(s.clap.model.audio_model) + module_bytes(s.clap.model.audio_projection)
-    clap_total = module_bytes(s.clap)
     resident = {
-        "clap_encoder_mb": clap_total / MB,
-        "clap_audio_tower_mb": clap_audio / MB,
-        "clap_text_tower_mb": (clap_total - clap_audio) / MB,
+        "clap_audio_tower_mb": module_bytes(s.clap) / MB,  # CLAP Encode never loads the text tower
         "clap2diffusion_model_mb": module_bytes(s.c2d) / MB,
         "adapter_mb": module_bytes(s.c2d.adapter) / MB,
         "audio_kv_mb": module_bytes(s.kv) / MB,
@@ -392,11 +389,11 @@ def section_memory(s: Setup) -> dict[str, Any]:
     out: dict[str, Any] = {"resident_bytes": resident}
     if not s.cuda:
         out["audio_modules_peak_mem_mb"] = (
-            resident["clap_encoder_mb"] + resident["clap2diffusion_model_mb"] + resident["audio_kv_mb"]
+            resident["clap_audio_tower_mb"] + resident["clap2diffusion_model_mb"] + resident["audio_kv_mb"]
         )
         out["method"] = (
             "cpu: not a measured peak. Parameter+buffer bytes of what the audio path keeps resident while "
-            "sampling (CLAP encoder, CLAP2Diffusion model with its adapter, AudioKV tensors); transient "
+            "sampling (CLAP's audio tower, CLAP2Diffusion model with its adapter, AudioKV tensors); transient "
             "activations (the audio attention's [B, S, C] output per layer, CLAP's activations) excluded"
         )
         return out
@@ -448,7 +445,7 @@ def section_memory(s: Setup) -> dict[str, Any]:
         "conditioning_injection": cond_only - plain,
     }
     out["method"] = (
-        "cuda: torch.cuda.max_memory_allocated from an empty device: (CLAP loaded, 10 s clip encoded, then "
+        "cuda: torch.cuda.max_memory_allocated from an empty device: (CLAP's audio tower loaded, 10 s clip encoded, then "
         "sampling with the audio while CLAP stays loaded, as ComfyUI keeps it) minus plain sampling"
     )
     return out

@@ -8,7 +8,7 @@ and resident memory while streaming a 1-hour file.
   ``clap2diffusion_core.htsat``). Theirs: ``ClapFeatureExtractor`` then
   ``ClapModel.get_audio_features`` (the pipeline transformers documents), on the same weights.
 - ``clap_audio_only_mem_mb``: bytes of what the audio path keeps resident (the audio tower's
-  parameters and buffers), as section d counts ``clap_encoder_mb``. The measured RSS growth of a
+  parameters and buffers), as section d counts ``clap_audio_tower_mb``. The measured RSS growth of a
   fresh process that loads the audio tower and encodes 8 clips is recorded beside it.
 - ``long_file_rss_growth_mb``: per window mode, the peak RSS growth of a fresh process while
   ``CLAP Encode File``'s path (decode, resample, window, encode, in pieces) runs over a generated

@@ -92,18 +92,18 @@ def test_clap_throughput_is_clips_over_the_median_call_time(results: dict) -> No
         assert results["clap_clips_per_s"][f"batch_{batch}"] == pytest.approx(expected, rel=1e-12)
 
 
-def test_cpu_memory_figure_is_the_bytes_of_clap_the_clap2diffusion_model_and_the_keys_values(
+def test_cpu_memory_figure_is_the_bytes_of_clap_audio_tower_the_clap2diffusion_model_and_the_keys_values(
         results: dict, test_models) -> None:
     from clap2diffusion_core import testing
-    from clap2diffusion_core.clap import load_clap
+    from clap2diffusion_core.clap import load_clap_tower
 
     resident = results["memory"]["resident_bytes"]
-    clap = load_clap(test_models.clap_folder)
+    clap = load_clap_tower(test_models.clap_folder, "audio")  # what CLAP Encode loads
     c2d = testing.random_model(stage=2, layout="tiny", seed=1)  # the bench's model
-    assert resident["clap_encoder_mb"] == pytest.approx(weight_bytes(clap) / MB, rel=1e-6)  # (storages vs views: bytes apart)
+    assert resident["clap_audio_tower_mb"] == pytest.approx(weight_bytes(clap) / MB, rel=1e-6)  # (storages vs views: bytes apart)
     assert resident["clap2diffusion_model_mb"] == pytest.approx(weight_bytes(c2d) / MB, rel=1e-6)
     assert 0 < resident["audio_kv_mb"] < resident["clap2diffusion_model_mb"]
-    expected = resident["clap_encoder_mb"] + resident["clap2diffusion_model_mb"] + resident["audio_kv_mb"]
+    expected = resident["clap_audio_tower_mb"] + resident["clap2diffusion_model_mb"] + resident["audio_kv_mb"]
     assert results["audio_modules_peak_mem_mb"] == pytest.approx(expected, rel=1e-12)
 
 
