@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     family, _ = fit_nodes.text_encoder_family(clip)
     captions = [c.text for c in captions_mod.build_corpus(args.corpus or captions_mod.DEFAULT_CORPUS_SIZE, 0)]
     start = time.perf_counter()
-    text = clap_mod.load_clap_tower(str(models.clap_folder), "text")
+    # On the text encoder's device, where the node's CLAP_MODEL handle loads it (the CPU here).
+    text = clap_mod.load_clap_tower(str(models.clap_folder), "text").to(mm.text_encoder_device())
     loaded = time.perf_counter() - start
     clock: dict[str, list[float]] = {}
 
