@@ -51,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from tools import test_models as tm  # noqa: E402
-from tools.time_model_injection import SD15_UNET, pack_module  # noqa: E402  (the adapter's own timing)
+from tools.time_model_injection import pack_module  # noqa: E402  (the adapter's own timing)
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results.json"
 REQUEUE_WORKFLOW = REPO_ROOT / "example_workflows" / "audio_adapter.json"
@@ -174,11 +174,7 @@ class Setup:
     """The UNet (a ComfyUI ModelPatcher), the conditionings, the audio tokens and both injections."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        import comfy.model_management
-        import comfy.ops
         import comfy.sample
-        import comfy.sd
-        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
         self.args = args
         self.device = device
@@ -190,15 +186,7 @@ class Setup:
         audio = pack_module("clap2diffusion_core.audio")
 
         start = time.perf_counter()
-        if args.unet == "sd15":
-            unet = UNetModel(**SD15_UNET, operations=comfy.ops.disable_weight_init)
-            tm._randomize(unet, 0)
-        else:
-            unet = tm.tiny_unet(0)
-        sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-        del unet
-        self.model = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)[0]
-        del sd
+        self.model = tm.sd15_unet_model(full=args.unet == "sd15", seed=0)
         self.build_seconds = time.perf_counter() - start
 
         # The audio side, as the nodes run it: CLAP Encode of a sound, decompose, project.

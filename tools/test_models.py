@@ -46,7 +46,12 @@ import torch
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: must not shadow ComfyUI's `nodes`
-from clap2diffusion_core.unet_configs import SEGMIND_VEGA_UNET_CONFIG, TINY_SD15_UNET_CONFIG, unet_kwargs  # noqa: E402
+from clap2diffusion_core.unet_configs import (  # noqa: E402
+    SD15_UNET_CONFIG,
+    SEGMIND_VEGA_UNET_CONFIG,
+    TINY_SD15_UNET_CONFIG,
+    unet_kwargs,
+)
 
 VERSION = "v2"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +232,25 @@ def tiny_unet(seed: int = 0) -> torch.nn.Module:
     unet = UNetModel(**TINY_UNET_CONFIG, operations=comfy.ops.disable_weight_init)
     _randomize(unet, seed)
     return unet
+
+
+def sd15_unet_model(full: bool = False, seed: int = 0):  # noqa: ANN201  (a comfy ModelPatcher)
+    """A ComfyUI MODEL of an SD1.5 UNet with random weights, as the checkpoint loader makes it: the
+    tiny test configuration, or with ``full`` the real SD1.5 architecture (860M parameters; for a
+    GPU). The benchmarks and timing tools build theirs here."""
+    import_comfy()
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    if full:
+        unet = UNetModel(**unet_kwargs(SD15_UNET_CONFIG), operations=comfy.ops.disable_weight_init)
+        _randomize(unet, seed)
+    else:
+        unet = tiny_unet(seed)
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    del unet
+    return comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)[0]
 
 
 def sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

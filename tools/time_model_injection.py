@@ -22,10 +22,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from clap2diffusion_core.unet_configs import SD15_UNET_CONFIG, unet_kwargs  # noqa: E402
 from tools import test_models as tm  # noqa: E402
-
-SD15_UNET = unet_kwargs(SD15_UNET_CONFIG)  # ComfyUI UNetModel kwargs
 
 
 def pack_module(name: str) -> types.ModuleType:
@@ -52,22 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     tm.import_comfy()
-    import comfy.ops
     import comfy.sample
-    import comfy.sd
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     testing = pack_module("clap2diffusion_core.testing")
     patch = pack_module("nodes.model_patch")
-    if args.full:
-        unet = UNetModel(**SD15_UNET, operations=comfy.ops.disable_weight_init)
-        tm._randomize(unet, 0)
-        layout, size = "sd15", 512
-    else:
-        unet, layout, size = tm.tiny_unet(0), "tiny", 256
-    sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    del unet
-    model = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)[0]
+    layout, size = ("sd15", 512) if args.full else ("tiny", 256)
+    model = tm.sd15_unet_model(full=args.full, seed=0)
     c2d = testing.random_model(stage=2, layout=layout, seed=1)
     gen = torch.Generator().manual_seed(0)
     audio = c2d.project(c2d.encode(torch.nn.functional.normalize(torch.randn(1, 512, generator=gen), dim=-1)))
