@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -65,14 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     start = local.start_model(checkpoint.load_checkpoint(models.clap2diffusion), distil_unet.adapter_config_of(model),
                               distil_unet.text_kv_of(model))
     stamps: list[float] = [time.perf_counter()]
-    local.run_local(distil_unet.ComfyDistilUNet(model, start.adapter), caption_set, start, config,
+    unet = distil_unet.ComfyDistilUNet(model, start.adapter)
+    local.run_local(unet, caption_set, start, config, unet.device,  # the node's device, as the node passes it
                     on_step=lambda step, total, loss: stamps.append(time.perf_counter()))
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     print(json.dumps({"unet": args.unet, "device": str(comfy.model_management.get_torch_device()),
                       "batch": args.batch, "resolution": args.resolution, "steps": args.steps,
                       "seconds_per_step": round(sum(steps[1:]) / max(1, len(steps) - 1), 3),
                       "first_step_s": round(steps[0], 3), "caption_encoding_s": round(encode_s, 2),
-                      "captions": args.corpus}, indent=2))
+                      "captions": args.corpus,
+                      "cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None},
+                     indent=2))
     return 0
 
 
