@@ -156,7 +156,7 @@ def refit_pooled_head(model: CLAP2DiffusionModel, captions: CaptionSet, temperat
     batches and rate."""
     from .loop import cosine_with_warmup
     from .sampling import StreamBatchSampler, step_generator
-    from .textfit import TextFitConfig, bridge_noise, stage1_loss
+    from .textfit import TextFitConfig, bridge_noise, bridged_copies, stage1_loss
 
     if captions.pooled is None:
         return model
@@ -177,8 +177,7 @@ def refit_pooled_head(model: CLAP2DiffusionModel, captions: CaptionSet, temperat
     if fit.recipe >= 2:
         from .kernelfit import solve_pooled_head
 
-        generator = torch.Generator().manual_seed(fit.seed)
-        noisy = [bridge_noise(clap_all, fit.noise, generator) for _ in range(fit.copies)] if fit.noise > 0 else []
+        noisy = bridged_copies(clap_all, fit)
         was_device = next(model.parameters()).device
         model = model.cpu().eval()  # a few thousand rows: the solve runs on the CPU
         solve_pooled_head(model, clap_all, captions.pooled[rows].float(), noisy, beta=fit.kernel_beta,

@@ -69,19 +69,19 @@ def kernel_fit(
     clap_text: torch.Tensor,
     targets: torch.Tensor,
     family: str,
+    noisy: list[torch.Tensor],
     *,
     pooled: torch.Tensor | None = None,
-    noise: float = 2.0,
-    width: int = 256,
-    beta: float = 20.0,
-    threshold: float = 0.5,
-    copies: int = 4,
-    strength: float = 1e-3,
-    seed: int = 0,
-    bridge: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    width: int,
+    beta: float,
+    threshold: float,
+    strength: float,
+    seed: int,
 ) -> CLAP2DiffusionModel:
     """``clap_text [M, 512]`` (unit), ``targets [M, C]``, for SDXL ``pooled [M, P]`` -> a stage-1 model
-    (module docstring). ``bridge(x, copy)`` gives copy ``copy`` of ``x`` moved by the bridging noise."""
+    (module docstring). ``noisy``: the bridged copies of ``clap_text`` (each ``[M, 512]``,
+    :func:`.textfit.bridged_copies`; none: no bridging). The settings are :class:`.textfit.TextFitConfig`'s
+    (``width``, ``kernel_beta``, ``kernel_threshold``, ``ridge``, ``seed``)."""
     clap = F.normalize(clap_text.float(), dim=-1)
     targets = targets.float()
     m, w = clap.shape[0], min(width, clap.shape[0] - 1, clap.shape[1])
@@ -119,13 +119,12 @@ def kernel_fit(
     block.to_out.bias.zero_()
 
     # Training inputs: each caption and noisy copies of it; theta from how far the copies moved.
-    noisy = [bridge(clap, i) for i in range(copies)] if bridge is not None and noise > 0 else []
     x = torch.cat([clap, *noisy])
     y = targets.repeat(len(x) // m, 1)
     unit = F.normalize(centred, dim=-1)
     if noisy:
         moved = F.normalize((torch.cat(noisy) - mean) @ basis.T, dim=-1)
-        reach = float((moved * unit.repeat(copies, 1)).sum(-1).mean())
+        reach = float((moved * unit.repeat(len(noisy), 1)).sum(-1).mean())
     else:
         reach = 1.0
     theta = threshold * reach
@@ -157,8 +156,8 @@ def kernel_fit(
 
 @torch.no_grad()
 def solve_pooled_head(model: CLAP2DiffusionModel, clap: torch.Tensor, pooled: torch.Tensor,
-                      noisy: list[torch.Tensor], *, beta: float = 20.0, threshold: float = 0.5,
-                      strength: float = 1e-3, seed: int = 0, temperature: float | None = None) -> None:
+                      noisy: list[torch.Tensor], *, beta: float, threshold: float, strength: float, seed: int,
+                      temperature: float | None = None) -> None:
     """Set ``model.pooled_head``'s MLP in closed form, for the decomposer the model has now (in place).
 
     ``clap [M, 512]`` the captions' CLAP text embeddings, ``pooled [M, P]`` their pooled text vectors,

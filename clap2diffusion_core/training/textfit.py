@@ -113,6 +113,15 @@ def bridge_noise(clap: torch.Tensor, noise: float, generator: torch.Generator) -
     return F.normalize(clap + eps.to(clap), dim=-1)
 
 
+def bridged_copies(clap: torch.Tensor, config: TextFitConfig) -> list[torch.Tensor]:
+    """Recipe 2's bridging: ``config.copies`` copies of ``clap [M, D]`` moved by :func:`bridge_noise`,
+    drawn from one generator seeded with ``config.seed``; none when ``config.noise`` is 0."""
+    if config.noise <= 0:
+        return []
+    generator = torch.Generator().manual_seed(config.seed)
+    return [bridge_noise(clap, config.noise, generator) for _ in range(config.copies)]
+
+
 def memory_project(
     audio: torch.Tensor, memory: torch.Tensor, temperature: float = 0.05, top_k: int = 8
 ) -> torch.Tensor:
@@ -228,11 +237,10 @@ def _fit(clap_text: torch.Tensor, targets: torch.Tensor, config: TextFitConfig, 
         if pooled is not None and POOLED_FAMILIES.get(family) != pooled.shape[-1]:
             raise ValueError(f"pooled targets of width {pooled.shape[-1]} do not fit {family} "
                              f"(pooled widths: {POOLED_FAMILIES or 'none'})")
-        generator = torch.Generator().manual_seed(config.seed)
-        model = kernel_fit(clap_text, targets, family, pooled=pooled, noise=config.noise, width=config.width,
-                           beta=config.kernel_beta, threshold=config.kernel_threshold, copies=config.copies,
-                           strength=config.ridge, seed=config.seed,
-                           bridge=lambda x, _copy: bridge_noise(x, config.noise, generator))
+        noisy = bridged_copies(F.normalize(clap_text.float(), dim=-1), config)
+        model = kernel_fit(clap_text, targets, family, noisy, pooled=pooled, width=config.width,
+                           beta=config.kernel_beta, threshold=config.kernel_threshold, strength=config.ridge,
+                           seed=config.seed)
         if config.steps == 0:
             return model.to(device).eval()
     elif pooled is None:
@@ -468,6 +476,6 @@ def read_provenance(path: str | os.PathLike) -> dict[str, str] | None:
 
 __all__ = [
     "PROVENANCE_KEYS", "caption_token_mean", "encode_batched", "encode_targets", "fit_from_captions", "Provenance", "TextFitConfig",
-    "base_family_for", "bridge_noise", "fingerprint", "fit_text", "memory_project", "pooled_outputs", "pooled_queries",
+    "base_family_for", "bridge_noise", "bridged_copies", "fingerprint", "fit_text", "memory_project", "pooled_outputs", "pooled_queries",
     "read_provenance", "save_text_fit", "tensors_in",
 ]
