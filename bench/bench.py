@@ -19,8 +19,8 @@ SD1.5 UNet architecture (random weights) at 512x512, 20 steps, on cuda in the dt
 
     .venv/bin/python bench/bench.py [--full] [--reps 5] [--steps N] [--size PX] [--sections abcdef]
 
-Built on ``tools/time_model_injection.py`` (the adapter's own timing): its SD1.5 config and module
-loader are imported; its interleaved sampling, process-CPU column, UNet-forward-only times and
+Built on ``tools/time_model_injection.py`` (the adapter's own timing), with the same UNet builder
+(``tools/test_models.sd15_unet_model``) and module loader (``tools/pack_modules``); its interleaved sampling, process-CPU column, UNet-forward-only times and
 FLOP count are section b here, extended to the conditioning injection. The bench measures; what
 the injections must not do while sampling (project the sound again, compute silence, add host
 reads or copies) is asserted by tests/test_sampling_costs.py.
@@ -51,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from tools import test_models as tm  # noqa: E402
-from tools.time_model_injection import pack_module  # noqa: E402  (the adapter's own timing)
+from tools.pack_modules import load as pack_module  # noqa: E402 (the pack's modules as ComfyUI imports them)
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results.json"
 REQUEUE_WORKFLOW = REPO_ROOT / "example_workflows" / "audio_adapter.json"

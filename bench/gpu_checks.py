@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from tools import test_models as tm  # noqa: E402
-from tools.time_model_injection import pack_module  # noqa: E402
+from tools.pack_modules import load as pack_module  # noqa: E402 (the pack's modules as ComfyUI imports them)
 
 VARIANTS = ("plain", "conditioning", "model")
 

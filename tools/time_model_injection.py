@@ -11,11 +11,9 @@ a GPU. The full benchmark suite (``make bench``) covers more; this is the adapte
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -23,15 +21,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from tools import test_models as tm  # noqa: E402
-
-
-def pack_module(name: str) -> types.ModuleType:
-    """The pack's module as ComfyUI imports it (a package, relative imports)."""
-    if "clap2diffusion_pack" not in sys.modules:
-        package = types.ModuleType("clap2diffusion_pack")
-        package.__path__ = [str(REPO_ROOT)]
-        sys.modules["clap2diffusion_pack"] = package
-    return importlib.import_module(f"clap2diffusion_pack.{name}")
+from tools.pack_modules import load as pack_module  # noqa: E402 (the pack's modules as ComfyUI imports them)
 
 
 def main(argv: list[str] | None = None) -> int:
