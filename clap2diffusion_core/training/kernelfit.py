@@ -53,15 +53,13 @@ def _captured(module: torch.nn.Module, run: Callable[[], None], output: bool) ->
     return torch.cat(got)
 
 
-def _through(model: CLAP2DiffusionModel, x: torch.Tensor, module: torch.nn.Module, output: bool,
-             pooled: bool = False) -> torch.Tensor:
+def _through(model: CLAP2DiffusionModel, x: torch.Tensor, module: torch.nn.Module, output: bool) -> torch.Tensor:
+    """What ``module`` of the projector receives (or, ``output``, returns) for ``x``, query 0's row."""
     def run() -> None:
         for chunk in x.split(1024):
-            levels = model.decomposer(chunk)
-            model.pooled_head(levels) if pooled else model.projector(levels)
+            model.projector(model.decomposer(chunk))
 
-    got = _captured(module, run, output)
-    return got if pooled else got[:, 0]  # every query of the block holds the same state
+    return _captured(module, run, output)[:, 0]  # every query of the block holds the same state
 
 
 @torch.no_grad()
