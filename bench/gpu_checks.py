@@ -46,18 +46,17 @@ def clap_on_device(device: torch.device) -> tuple[dict[str, dict[str, float]], t
     audio = pack_module("clap2diffusion_core.audio")
     models = tm.build_all()
     tower = clap.load_clap_tower(models.clap_folder, "audio").float()
-    rows, thunder = {}, None
-    for name, path in models.sounds.items():
-        wave, rate = audio.load_audio_file(path)
-        with torch.no_grad():
-            cpu = tower.to("cpu").embed(wave.unsqueeze(0), rate, "first")
-            dev = tower.to(device).embed(wave.unsqueeze(0).to(device), rate, "first").cpu()
-        rows[name] = {"max_abs": float((cpu - dev).abs().max()),
-                      "min_cosine": float(torch.nn.functional.cosine_similarity(cpu, dev).min())}
-        if name == "thunder.wav":
-            thunder = dev
+    sounds = {name: audio.load_audio_file(path) for name, path in models.sounds.items()}  # (wave [C, T], rate)
+    with torch.no_grad():
+        cpu = {name: tower.embed(wave.unsqueeze(0), rate, "first") for name, (wave, rate) in sounds.items()}
+        tower.to(device)
+        dev = {name: tower.embed(wave.unsqueeze(0).to(device), rate, "first").cpu()
+               for name, (wave, rate) in sounds.items()}
     tower.to("cpu")
-    return rows, thunder
+    rows = {name: {"max_abs": float((cpu[name] - dev[name]).abs().max()),
+                   "min_cosine": float(torch.nn.functional.cosine_similarity(cpu[name], dev[name]).min())}
+            for name in sounds}
+    return rows, dev["thunder.wav"]
 
 
 def sample_variants(checkpoint: Path, c2d, embeds: torch.Tensor, steps: int,  # noqa: ANN001
